@@ -1,0 +1,399 @@
+//! `primad`: the prima daemon. For now it carries the engine tools, which
+//! mirror llama.cpp's: `generate`, `perplexity` and `inspect`.
+
+use std::{
+    io::Write,
+    path::{Path, PathBuf},
+    process::ExitCode,
+    time::Instant,
+};
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use prima_kernels::{
+    engine::{self, GenerateParams},
+    quant::GgmlType,
+    tokenizer::chat::Message,
+    Model, Sampler, SamplerConfig, Tokenizer,
+};
+
+#[derive(Parser)]
+#[command(
+    name = "primad",
+    version,
+    about = "prima: run language models across the devices a household owns",
+    long_about = "prima: run language models across the devices a household owns.\n\n\
+        The engine tools below run a GGUF model on this machine alone. Fetch the \
+        test models with `scripts/fetch-models` (prints their paths)."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Generate text from a prompt; prints only the generated text to stdout.
+    Generate(GenerateArgs),
+    /// Perplexity of a text file, computed the way llama.cpp's tool does.
+    Perplexity(PerplexityArgs),
+    /// Show a model's architecture, sizes, quantisation mix, tokenizer and template.
+    Inspect(InspectArgs),
+    /// Tokenize text with a model's tokenizer and print the ids as JSON.
+    Tokenize(TokenizeArgs),
+}
+
+#[derive(Args)]
+struct TokenizeArgs {
+    /// Path to a GGUF model file.
+    #[arg(long, short = 'm', value_name = "PATH")]
+    model: PathBuf,
+    /// Text to tokenize.
+    #[arg(long, short = 'p', conflicts_with = "file")]
+    prompt: Option<String>,
+    /// Read the text from a file instead.
+    #[arg(long, short = 'f', value_name = "FILE")]
+    file: Option<PathBuf>,
+    /// Do not add BOS/EOS even when the model asks for them.
+    #[arg(long)]
+    no_special: bool,
+    /// Turn control-token text such as <|im_start|> into control tokens.
+    #[arg(long)]
+    parse_special: bool,
+}
+
+#[derive(Args)]
+struct ModelArgs {
+    /// Path to a GGUF model file.
+    #[arg(long, short = 'm', value_name = "PATH")]
+    model: PathBuf,
+    /// Worker threads for the forward pass (default: all cores).
+    #[arg(long, short = 't', value_name = "N")]
+    threads: Option<usize>,
+}
+
+#[derive(Args)]
+struct GenerateArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// The prompt text.
+    #[arg(long, short = 'p')]
+    prompt: String,
+    /// Most tokens to generate.
+    #[arg(long, short = 'n', default_value_t = 128)]
+    max_tokens: usize,
+    /// Sampling temperature; 0 is greedy (deterministic).
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    /// Sample only among the K most likely tokens (0 = no limit).
+    #[arg(long, default_value_t = 40)]
+    top_k: usize,
+    /// Nucleus sampling: keep the smallest set with this total probability.
+    #[arg(long, default_value_t = 0.95)]
+    top_p: f32,
+    /// Drop tokens less likely than this fraction of the most likely one.
+    #[arg(long, default_value_t = 0.05)]
+    min_p: f32,
+    /// Penalise repeating any of the last 64 tokens (1.0 = off).
+    #[arg(long, default_value_t = 1.0)]
+    repeat_penalty: f32,
+    /// Subtract this from logits of tokens already present (0 = off).
+    #[arg(long, default_value_t = 0.0)]
+    presence_penalty: f32,
+    /// Random seed for sampling.
+    #[arg(long, short = 's', default_value_t = 0x5eed)]
+    seed: u64,
+    /// Stop when this string is generated (repeatable); it is not printed.
+    #[arg(long)]
+    stop: Vec<String>,
+    /// Apply the model's chat template to the prompt (a user message).
+    #[arg(long)]
+    chat: bool,
+    /// Context size in tokens.
+    #[arg(long, short = 'c', default_value_t = 2048)]
+    ctx: usize,
+    /// Print the prompt and generated token ids and speeds to stderr as JSON.
+    #[arg(long)]
+    ids: bool,
+}
+
+#[derive(Args)]
+struct PerplexityArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Text file to score.
+    #[arg(long, short = 'f', value_name = "FILE")]
+    file: PathBuf,
+    /// Tokens per chunk.
+    #[arg(long, short = 'c', default_value_t = 128)]
+    ctx: usize,
+    /// Print `{"ppl": .., "chunks": [..], "tokens": ..}` instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct InspectArgs {
+    /// Path to a GGUF model file.
+    #[arg(long, short = 'm', value_name = "PATH")]
+    model: PathBuf,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let res = match cli.command {
+        Command::Generate(a) => generate(a),
+        Command::Perplexity(a) => perplexity(a),
+        Command::Inspect(a) => inspect(a),
+        Command::Tokenize(a) => tokenize(a),
+    };
+    match res {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            if is_broken_pipe(&e) {
+                return ExitCode::SUCCESS;
+            }
+            eprintln!("primad: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn is_broken_pipe(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+    })
+}
+
+fn set_threads(n: Option<usize>) -> Result<()> {
+    if let Some(n) = n {
+        if n == 0 {
+            bail!("--threads must be at least 1");
+        }
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(n)
+            .build_global()
+            .context("configuring the thread pool")?;
+    }
+    Ok(())
+}
+
+fn load(args: &ModelArgs) -> Result<(Model, Tokenizer)> {
+    set_threads(args.threads)?;
+    load_path(&args.model)
+}
+
+fn load_path(path: &Path) -> Result<(Model, Tokenizer)> {
+    let t = Instant::now();
+    let model = Model::open(path).with_context(|| format!("loading model {}", path.display()))?;
+    let tok = Tokenizer::from_metadata(&model.file.metadata)
+        .with_context(|| format!("loading the tokenizer of {}", path.display()))?;
+    tracing::info!(elapsed = ?t.elapsed(), "model loaded");
+    Ok((model, tok))
+}
+
+fn generate(a: GenerateArgs) -> Result<()> {
+    let (model, tok) = load(&a.model)?;
+    let prompt = if a.chat {
+        tok.apply_chat_template(&[Message::new("user", &a.prompt)])?
+    } else {
+        a.prompt.clone()
+    };
+    // Chat templates carry special tokens as text: parse them; raw prompts
+    // are taken literally except for BOS, as llama.cpp does.
+    let ids = tok.encode(&prompt, true, a.chat)?;
+    if ids.is_empty() {
+        bail!("the prompt is empty after tokenisation");
+    }
+    let mut sampler = Sampler::new(SamplerConfig {
+        temperature: a.temperature,
+        top_k: a.top_k,
+        top_p: a.top_p,
+        min_p: a.min_p,
+        repeat_penalty: a.repeat_penalty,
+        presence_penalty: a.presence_penalty,
+        seed: a.seed,
+        ..SamplerConfig::default()
+    });
+    let params = GenerateParams {
+        max_tokens: a.max_tokens,
+        stop: a.stop.clone(),
+        ctx: a.ctx,
+    };
+    let mut out = std::io::stdout().lock();
+    let mut write_err = None;
+    let g = engine::generate(&model, &tok, &ids, &params, &mut sampler, |piece| {
+        match out.write_all(piece.as_bytes()).and_then(|_| out.flush()) {
+            Ok(()) => true,
+            Err(e) => {
+                write_err = Some(e);
+                false
+            }
+        }
+    })?;
+    if let Some(e) = write_err {
+        return Err(e).context("writing to stdout");
+    }
+    let pp = g.prompt_ids.len() as f64 / g.prefill_time.as_secs_f64();
+    let tg = g.ids.len() as f64 / g.decode_time.as_secs_f64().max(1e-9);
+    if a.ids {
+        eprintln!(
+            "{}",
+            serde_json::json!({
+                "prompt_ids": g.prompt_ids,
+                "output_ids": g.ids,
+                "finish_reason": g.finish.as_str(),
+                "prefill_tok_s": pp,
+                "decode_tok_s": tg,
+            })
+        );
+    }
+    tracing::info!(
+        prompt_tokens = g.prompt_ids.len(),
+        generated = g.ids.len(),
+        prefill_tok_s = format!("{pp:.1}"),
+        decode_tok_s = format!("{tg:.1}"),
+        "done"
+    );
+    Ok(())
+}
+
+fn perplexity(a: PerplexityArgs) -> Result<()> {
+    let (model, tok) = load(&a.model)?;
+    let text = std::fs::read_to_string(&a.file)
+        .with_context(|| format!("reading {}", a.file.display()))?;
+    let json = a.json;
+    let r = engine::perplexity(&model, &tok, &text, a.ctx, |done, total| {
+        if !json {
+            eprint!("\rperplexity: chunk {done}/{total}");
+            if done == total {
+                eprintln!();
+            }
+        }
+    })?;
+    if a.json {
+        println!(
+            "{}",
+            serde_json::json!({"ppl": r.ppl, "chunks": r.chunks, "tokens": r.tokens})
+        );
+    } else {
+        let chunks: Vec<String> = r.chunks.iter().map(|c| format!("{c:.4}")).collect();
+        println!("chunks: [{}]", chunks.join(", "));
+        println!("tokens: {}", r.tokens);
+        println!("perplexity: {:.4}", r.ppl);
+    }
+    Ok(())
+}
+
+fn inspect(a: InspectArgs) -> Result<()> {
+    let (model, tok) = load_path(&a.model)?;
+    let f = &model.file;
+    let c = &model.config;
+    let mut mix: Vec<(GgmlType, usize, u64)> = Vec::new();
+    for t in &f.tensors {
+        match mix.iter_mut().find(|m| m.0 == t.ty) {
+            Some(m) => {
+                m.1 += 1;
+                m.2 += t.size;
+            }
+            None => mix.push((t.ty, 1, t.size)),
+        }
+    }
+    mix.sort_by(|a, b| b.2.cmp(&a.2));
+    let params: u64 = f.tensors.iter().map(|t| t.n_elements()).sum();
+    let weight_bytes: u64 = f.tensors.iter().map(|t| t.size).sum();
+    let name = f
+        .metadata
+        .opt_str("general.name")
+        .ok()
+        .flatten()
+        .unwrap_or("(unnamed)");
+    if a.json {
+        let v = serde_json::json!({
+            "file": a.model.display().to_string(),
+            "name": name,
+            "gguf_version": f.version,
+            "file_bytes": f.file_len(),
+            "architecture": c.arch.name(),
+            "layers": c.n_layer,
+            "embedding": c.n_embd,
+            "feed_forward": c.n_ff,
+            "heads": c.n_head,
+            "kv_heads": c.n_head_kv,
+            "head_dim": c.head_dim,
+            "vocab": c.n_vocab,
+            "context_train": c.ctx_train,
+            "rope_base": c.rope_base,
+            "sliding_window": c.sliding_window,
+            "parameters": params,
+            "weight_bytes": weight_bytes,
+            "tensors": f.tensors.len(),
+            "quant_mix": mix.iter().map(|(t, n, b)| serde_json::json!({"type": t.name(), "tensors": n, "bytes": b})).collect::<Vec<_>>(),
+            "tokenizer": tok.model_name(),
+            "bos": tok.bos, "eos": tok.eos, "add_bos": tok.add_bos,
+            "chat_template": tok.chat_template,
+        });
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    println!("file          {} ({:.1} MB, GGUF v{})", a.model.display(), f.file_len() as f64 / 1e6, f.version);
+    println!("name          {name}");
+    println!("architecture  {}", c.arch.name());
+    println!(
+        "shape         {} layers, d_model {}, ffn {}, heads {} / kv {}, head dim {}",
+        c.n_layer, c.n_embd, c.n_ff, c.n_head, c.n_head_kv, c.head_dim
+    );
+    println!("vocabulary    {}", c.n_vocab);
+    println!("context       {} (trained)", c.ctx_train);
+    print!("rope          base {}", c.rope_base);
+    if let Some(w) = c.sliding_window {
+        print!(", sliding window {w} (local base {}), every {}th layer global", c.rope_base_swa, c.swa_pattern);
+    }
+    println!();
+    println!("parameters    {:.1} M in {} tensors, {:.1} MB of weights", params as f64 / 1e6, f.tensors.len(), weight_bytes as f64 / 1e6);
+    println!("quant mix");
+    for (t, n, b) in &mix {
+        println!("  {:<6} {:>4} tensors {:>8.1} MB", t.name(), n, *b as f64 / 1e6);
+    }
+    println!(
+        "tokenizer     {}, bos {:?}, eos {:?}, add_bos {}",
+        tok.model_name(),
+        tok.bos.and_then(|i| tok.token_text(i)),
+        tok.eos.and_then(|i| tok.token_text(i)),
+        tok.add_bos
+    );
+    match &tok.chat_template {
+        Some(t) => println!("chat template {} bytes:\n{}", t.len(), indent(t)),
+        None => println!("chat template (none; ChatML is used)"),
+    }
+    Ok(())
+}
+
+fn indent(s: &str) -> String {
+    s.lines().map(|l| format!("  {l}")).collect::<Vec<_>>().join("\n")
+}
+
+fn tokenize(a: TokenizeArgs) -> Result<()> {
+    let gguf = prima_kernels::Gguf::open(&a.model)
+        .with_context(|| format!("opening {}", a.model.display()))?;
+    let tok = Tokenizer::from_metadata(&gguf.metadata)?;
+    let text = match (&a.prompt, &a.file) {
+        (Some(p), _) => p.clone(),
+        (None, Some(f)) => std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?,
+        (None, None) => bail!("give the text with --prompt or --file"),
+    };
+    let ids = tok.encode(&text, !a.no_special, a.parse_special)?;
+    println!("{}", serde_json::to_string(&ids)?);
+    Ok(())
+}

@@ -1,0 +1,26 @@
+//! prima's inference engine: GGUF models read in place by mmap, ggml quant
+//! formats, tokenizers and chat templates from GGUF metadata, and the
+//! transformer forward pass over a range of layers, which is what one device
+//! of a pipelined ring runs.
+//!
+//! Layout:
+//! - [`gguf`]: the bounded GGUF v2/v3 reader.
+//! - [`quant`]: block layouts, scalar reference kernels, activation quantisation.
+//! - [`tensor`]: weight views and matrix products.
+//! - [`model`]: architectures (`llama`, `qwen2`, `gemma3`), KV cache, forward pass.
+//! - [`tokenizer`]: byte-level BPE and SentencePiece vocabularies, chat templates.
+//! - [`sample`]: token sampling.
+//! - [`engine`]: single-device generation and perplexity on top of the above.
+
+pub mod engine;
+pub mod gguf;
+pub mod model;
+pub mod quant;
+pub mod sample;
+pub mod tensor;
+pub mod tokenizer;
+
+pub use gguf::{Gguf, GgufError};
+pub use model::{Config, Hidden, KvCache, Model, ModelError};
+pub use sample::{Sampler, SamplerConfig};
+pub use tokenizer::{chat::Message, Tokenizer};

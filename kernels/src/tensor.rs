@@ -1,0 +1,145 @@
+//! Weight matrices viewed in place in the mapped GGUF file, and the matrix
+//! products of the forward pass.
+
+use std::sync::Arc;
+
+use rayon::prelude::*;
+
+use crate::{
+    gguf::{Gguf, GgufError, TensorInfo},
+    quant::{self, ActRows, GgmlType},
+};
+
+/// A 2-D weight matrix: `rows` output features, each a row of `cols` inputs,
+/// stored as ggml blocks inside the mapped model file.
+#[derive(Clone)]
+pub struct Weight {
+    pub name: String,
+    pub ty: GgmlType,
+    pub rows: usize,
+    pub cols: usize,
+    offset: usize,
+    len: usize,
+    file: Arc<Gguf>,
+}
+
+impl std::fmt::Debug for Weight {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Weight({} {} {}x{})", self.name, self.ty, self.rows, self.cols)
+    }
+}
+
+/// Errors building a weight view.
+#[derive(Debug, thiserror::Error)]
+pub enum WeightError {
+    #[error(transparent)]
+    Gguf(#[from] GgufError),
+    #[error("tensor {name:?} has shape {dims:?}, expected {expected}")]
+    Shape {
+        name: String,
+        dims: Vec<u64>,
+        expected: String,
+    },
+    #[error("tensor {name:?}: {source}")]
+    Quant {
+        name: String,
+        #[source]
+        source: quant::QuantError,
+    },
+}
+
+impl Weight {
+    /// Views tensor `t` of `file` as a `rows x cols` matrix (`cols` is ggml's
+    /// `ne0`). `expect` gives the shape the architecture requires.
+    pub fn new(file: &Arc<Gguf>, t: &TensorInfo, expect: [usize; 2]) -> Result<Self, WeightError> {
+        let [cols, rows] = expect;
+        let dims_ok = t.dims.len() <= 2
+            && t.dims[0] as usize == cols
+            && t.dims.get(1).copied().unwrap_or(1) as usize == rows;
+        if !dims_ok {
+            return Err(WeightError::Shape {
+                name: t.name.clone(),
+                dims: t.dims.clone(),
+                expected: format!("[{cols}, {rows}]"),
+            });
+        }
+        if !t.ty.is_weight_type() {
+            return Err(WeightError::Quant {
+                name: t.name.clone(),
+                source: quant::QuantError::NotAWeight { ty: t.ty },
+            });
+        }
+        let data = file.tensor_data(t);
+        quant::check_blocks(t.ty, data).map_err(|source| WeightError::Quant {
+            name: t.name.clone(),
+            source,
+        })?;
+        Ok(Self {
+            name: t.name.clone(),
+            ty: t.ty,
+            rows,
+            cols,
+            offset: t.offset as usize,
+            len: t.size as usize,
+            file: file.clone(),
+        })
+    }
+
+    /// Raw bytes of the whole matrix.
+    pub fn bytes(&self) -> &[u8] {
+        &self.file.bytes()[self.offset..self.offset + self.len]
+    }
+
+    /// Raw bytes of row `r`.
+    pub fn row(&self, r: usize) -> &[u8] {
+        let rb = self.ty.row_bytes(self.cols);
+        &self.bytes()[r * rb..(r + 1) * rb]
+    }
+
+    /// Dequantises row `r` into `out` (embedding lookup).
+    pub fn dequantize_row(&self, r: usize, out: &mut [f32]) {
+        quant::dequantize_row(self.ty, self.row(r), out);
+    }
+
+    /// `out[t][r] = dot(row r, x[t])` for `n` activation rows `x` of `cols`
+    /// floats each; `out` is `n x rows`.
+    pub fn matmul(&self, x: &[f32], n: usize, out: &mut [f32]) {
+        let acts = ActRows::quantize(self.ty.vec_dot_type(), x, n, self.cols);
+        self.matmul_quantized(&acts, out);
+    }
+
+    /// As [`Weight::matmul`] with activations already in this weight's vec-dot
+    /// format (several weights reading the same input share one quantisation).
+    pub fn matmul_quantized(&self, acts: &ActRows, out: &mut [f32]) {
+        let n = acts.rows;
+        assert_eq!(acts.cols, self.cols, "{}: activation width", self.name);
+        assert_eq!(out.len(), n * self.rows, "{}: output size", self.name);
+        // Split the output features into chunks big enough to amortise the
+        // task overhead; each task reads its weight rows once for all tokens.
+        let chunk = (self.rows / (rayon::current_num_threads() * 8)).clamp(16, 1024);
+        if n == 1 {
+            out.par_chunks_mut(chunk).enumerate().for_each(|(c, o)| {
+                for (i, v) in o.iter_mut().enumerate() {
+                    *v = quant::vec_dot(self.ty, self.row(c * chunk + i), acts, 0);
+                }
+            });
+            return;
+        }
+        // Compute transposed ([row][token]) so that tasks own contiguous
+        // output, then transpose back.
+        let mut tmp = vec![0f32; n * self.rows];
+        tmp.par_chunks_mut(chunk * n).enumerate().for_each(|(c, o)| {
+            for (i, orow) in o.chunks_exact_mut(n).enumerate() {
+                let w = self.row(c * chunk + i);
+                for (t, v) in orow.iter_mut().enumerate() {
+                    *v = quant::vec_dot(self.ty, w, acts, t);
+                }
+            }
+        });
+        for t in 0..n {
+            for r in 0..self.rows {
+                out[t * self.rows + r] = tmp[r * n + t];
+            }
+        }
+    }
+}
