@@ -233,13 +233,14 @@ fn generate(a: GenerateArgs) -> Result<()> {
     };
     let mut out = std::io::stdout().lock();
     let mut write_err = None;
-    let g = engine::generate(&model, &tok, &ids, &params, &mut sampler, |piece| {
-        match out.write_all(piece.as_bytes()).and_then(|_| out.flush()) {
-            Ok(()) => true,
-            Err(e) => {
-                write_err = Some(e);
-                false
-            }
+    let g = engine::generate(&model, &tok, &ids, &params, &mut sampler, |piece| match out
+        .write_all(piece.as_bytes())
+        .and_then(|_| out.flush())
+    {
+        Ok(()) => true,
+        Err(e) => {
+            write_err = Some(e);
+            false
         }
     })?;
     if let Some(e) = write_err {
@@ -347,7 +348,12 @@ fn inspect(a: InspectArgs) -> Result<()> {
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(());
     }
-    println!("file          {} ({:.1} MB, GGUF v{})", a.model.display(), f.file_len() as f64 / 1e6, f.version);
+    println!(
+        "file          {} ({:.1} MB, GGUF v{})",
+        a.model.display(),
+        f.file_len() as f64 / 1e6,
+        f.version
+    );
     println!("name          {name}");
     println!("architecture  {}", c.arch.name());
     println!(
@@ -358,13 +364,26 @@ fn inspect(a: InspectArgs) -> Result<()> {
     println!("context       {} (trained)", c.ctx_train);
     print!("rope          base {}", c.rope_base);
     if let Some(w) = c.sliding_window {
-        print!(", sliding window {w} (local base {}), every {}th layer global", c.rope_base_swa, c.swa_pattern);
+        print!(
+            ", sliding window {w} (local base {}), every {}th layer global",
+            c.rope_base_swa, c.swa_pattern
+        );
     }
     println!();
-    println!("parameters    {:.1} M in {} tensors, {:.1} MB of weights", params as f64 / 1e6, f.tensors.len(), weight_bytes as f64 / 1e6);
+    println!(
+        "parameters    {:.1} M in {} tensors, {:.1} MB of weights",
+        params as f64 / 1e6,
+        f.tensors.len(),
+        weight_bytes as f64 / 1e6
+    );
     println!("quant mix");
     for (t, n, b) in &mix {
-        println!("  {:<6} {:>4} tensors {:>8.1} MB", t.name(), n, *b as f64 / 1e6);
+        println!(
+            "  {:<6} {:>4} tensors {:>8.1} MB",
+            t.name(),
+            n,
+            *b as f64 / 1e6
+        );
     }
     println!(
         "tokenizer     {}, bos {:?}, eos {:?}, add_bos {}",
@@ -381,7 +400,10 @@ fn inspect(a: InspectArgs) -> Result<()> {
 }
 
 fn indent(s: &str) -> String {
-    s.lines().map(|l| format!("  {l}")).collect::<Vec<_>>().join("\n")
+    s.lines()
+        .map(|l| format!("  {l}"))
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 fn tokenize(a: TokenizeArgs) -> Result<()> {
@@ -390,7 +412,9 @@ fn tokenize(a: TokenizeArgs) -> Result<()> {
     let tok = Tokenizer::from_metadata(&gguf.metadata)?;
     let text = match (&a.prompt, &a.file) {
         (Some(p), _) => p.clone(),
-        (None, Some(f)) => std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?,
+        (None, Some(f)) => {
+            std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?
+        }
         (None, None) => bail!("give the text with --prompt or --file"),
     };
     let ids = tok.encode(&text, !a.no_special, a.parse_special)?;

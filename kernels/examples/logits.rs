@@ -26,10 +26,18 @@ fn main() {
         let rows: Vec<usize> = (0..ids.len()).collect();
         s.eval(&ids, &rows).expect("eval")
     };
+    if let Ok(path) = std::env::var("DUMP") {
+        let bytes: Vec<u8> = logits.iter().flat_map(|v| v.to_le_bytes()).collect();
+        std::fs::write(path, bytes).expect("dump");
+        return;
+    }
     for (i, l) in logits.chunks_exact(nv).enumerate() {
         let mut idx: Vec<usize> = (0..nv).collect();
         idx.sort_by(|&a, &b| l[b].total_cmp(&l[a]));
-        let top: Vec<String> = idx[..3].iter().map(|&t| format!("{t}:{:.4}", l[t])).collect();
+        let top: Vec<String> = idx[..3]
+            .iter()
+            .map(|&t| format!("{t}:{:.4}", l[t]))
+            .collect();
         println!("{i}: {}", top.join(" "));
     }
 }

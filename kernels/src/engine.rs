@@ -36,7 +36,8 @@ impl<'m> Session<'m> {
     pub fn eval(&mut self, tokens: &[u32], logit_rows: &[usize]) -> Result<Vec<f32>, ModelError> {
         let mut h: Hidden = self.model.embed(tokens)?;
         let layers = self.model.loaded_layers();
-        self.model.forward_layers(layers, &mut h, &mut self.kv, self.pos)?;
+        self.model
+            .forward_layers(layers, &mut h, &mut self.kv, self.pos)?;
         self.pos += tokens.len();
         Ok(self.model.head(&h, logit_rows))
     }
@@ -139,7 +140,12 @@ pub fn generate(
         bytes.extend(tok.token_bytes(next, false));
         // Stop strings end the text where they begin.
         let text = String::from_utf8_lossy(&bytes);
-        if let Some(at) = params.stop.iter().filter_map(|s| text.find(s.as_str())).min() {
+        if let Some(at) = params
+            .stop
+            .iter()
+            .filter_map(|s| text.find(s.as_str()))
+            .min()
+        {
             let cut = text[..at].len();
             bytes.truncate(cut);
             finish = FinishReason::Stop;
@@ -150,7 +156,11 @@ pub fn generate(
             Ok(s) => s.len(),
             Err(e) => e.valid_up_to(),
         };
-        let hold = if max_stop > 0 { hold_back(&bytes[..valid], &params.stop) } else { 0 };
+        let hold = if max_stop > 0 {
+            hold_back(&bytes[..valid], &params.stop)
+        } else {
+            0
+        };
         let upto = valid - hold;
         if upto > emitted {
             let piece = std::str::from_utf8(&bytes[emitted..upto]).expect("validated");
@@ -219,11 +229,17 @@ pub fn perplexity(
         .encode(text, true, false)
         .map_err(|e| PerplexityError::Tokenize(e.to_string()))?;
     if ctx < 4 {
-        return Err(PerplexityError::TooShort { tokens: tokens.len(), ctx });
+        return Err(PerplexityError::TooShort {
+            tokens: tokens.len(),
+            ctx,
+        });
     }
     let n_chunk = tokens.len() / ctx;
     if n_chunk == 0 || tokens.len() < 2 * ctx {
-        return Err(PerplexityError::TooShort { tokens: tokens.len(), ctx });
+        return Err(PerplexityError::TooShort {
+            tokens: tokens.len(),
+            ctx,
+        });
     }
     let first = ctx / 2;
     let mut nll = 0f64;

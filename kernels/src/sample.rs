@@ -75,7 +75,10 @@ impl Sampler {
         }
         // Softmax over the candidates at temperature.
         let max = cand[0].1;
-        let mut probs: Vec<f32> = cand.iter().map(|&(_, l)| ((l - max) / c.temperature).exp()).collect();
+        let mut probs: Vec<f32> = cand
+            .iter()
+            .map(|&(_, l)| ((l - max) / c.temperature).exp())
+            .collect();
         let sum: f32 = probs.iter().sum();
         probs.iter_mut().for_each(|p| *p /= sum);
         let mut keep = probs.len();
@@ -115,7 +118,9 @@ impl Sampler {
             *counts.entry(t).or_default() += 1;
         }
         for (&t, &n) in &counts {
-            let Some(l) = logits.get_mut(t as usize) else { continue };
+            let Some(l) = logits.get_mut(t as usize) else {
+                continue;
+            };
             if *l > 0.0 {
                 *l /= c.repeat_penalty;
             } else {
@@ -170,8 +175,14 @@ mod tests {
             ..Default::default()
         };
         let logits = [1.0, 1.0, 1.0, 1.0];
-        let a: Vec<u32> = (0..50).scan(Sampler::new(cfg.clone()), |s, _| Some(s.sample(&logits, &[]))).collect();
-        let b: Vec<u32> = (0..50).scan(Sampler::new(cfg), |s, _| Some(s.sample(&logits, &[]))).collect();
+        let a: Vec<u32> = (0..50)
+            .scan(Sampler::new(cfg.clone()), |s, _| {
+                Some(s.sample(&logits, &[]))
+            })
+            .collect();
+        let b: Vec<u32> = (0..50)
+            .scan(Sampler::new(cfg), |s, _| Some(s.sample(&logits, &[])))
+            .collect();
         assert_eq!(a, b);
         let distinct: std::collections::HashSet<_> = a.iter().collect();
         assert!(distinct.len() >= 3, "{a:?}");

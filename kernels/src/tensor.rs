@@ -25,7 +25,11 @@ pub struct Weight {
 
 impl std::fmt::Debug for Weight {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Weight({} {} {}x{})", self.name, self.ty, self.rows, self.cols)
+        write!(
+            f,
+            "Weight({} {} {}x{})",
+            self.name, self.ty, self.rows, self.cols
+        )
     }
 }
 
@@ -128,14 +132,16 @@ impl Weight {
         // Compute transposed ([row][token]) so that tasks own contiguous
         // output, then transpose back.
         let mut tmp = vec![0f32; n * self.rows];
-        tmp.par_chunks_mut(chunk * n).enumerate().for_each(|(c, o)| {
-            for (i, orow) in o.chunks_exact_mut(n).enumerate() {
-                let w = self.row(c * chunk + i);
-                for (t, v) in orow.iter_mut().enumerate() {
-                    *v = quant::vec_dot(self.ty, w, acts, t);
+        tmp.par_chunks_mut(chunk * n)
+            .enumerate()
+            .for_each(|(c, o)| {
+                for (i, orow) in o.chunks_exact_mut(n).enumerate() {
+                    let w = self.row(c * chunk + i);
+                    for (t, v) in orow.iter_mut().enumerate() {
+                        *v = quant::vec_dot(self.ty, w, acts, t);
+                    }
                 }
-            }
-        });
+            });
         for t in 0..n {
             for r in 0..self.rows {
                 out[t * self.rows + r] = tmp[r * n + t];

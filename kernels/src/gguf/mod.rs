@@ -51,7 +51,9 @@ pub enum GgufError {
         available: u64,
         file_len: u64,
     },
-    #[error("{what} count {count} is impossible: the remaining {available} bytes hold at most {max}")]
+    #[error(
+        "{what} count {count} is impossible: the remaining {available} bytes hold at most {max}"
+    )]
     CountTooLarge {
         what: String,
         count: u64,
@@ -325,9 +327,11 @@ impl<'a> Reader<'a> {
 
 fn parse_header(buf: &[u8]) -> Result<Header> {
     let mut r = Reader { buf, pos: 0 };
-    let magic = r.take(4, &|| "magic".into()).map_err(|_| GgufError::BadMagic {
-        found: buf[..buf.len().min(4)].to_vec(),
-    })?;
+    let magic = r
+        .take(4, &|| "magic".into())
+        .map_err(|_| GgufError::BadMagic {
+            found: buf[..buf.len().min(4)].to_vec(),
+        })?;
     if magic != MAGIC {
         return Err(GgufError::BadMagic {
             found: magic.to_vec(),
@@ -357,13 +361,11 @@ fn parse_header(buf: &[u8]) -> Result<Header> {
     let alignment = match metadata.get("general.alignment") {
         None => DEFAULT_ALIGNMENT,
         Some(v) => {
-            let a = v
-                .as_u64()
-                .ok_or_else(|| GgufError::WrongType {
-                    key: "general.alignment".into(),
-                    expected: "integer",
-                    found: v.type_name(),
-                })?;
+            let a = v.as_u64().ok_or_else(|| GgufError::WrongType {
+                key: "general.alignment".into(),
+                expected: "integer",
+                found: v.type_name(),
+            })?;
             if a == 0 || !a.is_power_of_two() || a > (1 << 20) {
                 return Err(GgufError::BadAlignment(a));
             }

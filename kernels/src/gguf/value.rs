@@ -234,7 +234,9 @@ impl Metadata {
     /// An unsigned integer that must fit a `usize` and lie in `1..=max`.
     pub fn get_usize(&self, key: &str, max: u64) -> Result<usize> {
         let v = self.require(key)?;
-        let n = v.as_u64().ok_or_else(|| Self::wrong(key, "unsigned integer", v))?;
+        let n = v
+            .as_u64()
+            .ok_or_else(|| Self::wrong(key, "unsigned integer", v))?;
         if n == 0 || n > max {
             return Err(GgufError::OutOfRange {
                 key: key.to_string(),
@@ -287,7 +289,10 @@ impl Metadata {
     pub fn opt_bool(&self, key: &str) -> Result<Option<bool>> {
         match self.get(key) {
             None => Ok(None),
-            Some(v) => v.as_bool().map(Some).ok_or_else(|| Self::wrong(key, "bool", v)),
+            Some(v) => v
+                .as_bool()
+                .map(Some)
+                .ok_or_else(|| Self::wrong(key, "bool", v)),
         }
     }
 
@@ -318,7 +323,10 @@ impl Metadata {
     pub fn get_str_array(&self, key: &str) -> Result<Vec<&str>> {
         self.array(key)?
             .iter()
-            .map(|v| v.as_str().ok_or_else(|| Self::wrong(key, "array of string", v)))
+            .map(|v| {
+                v.as_str()
+                    .ok_or_else(|| Self::wrong(key, "array of string", v))
+            })
             .collect()
     }
 
@@ -336,7 +344,10 @@ impl Metadata {
     pub fn get_i64_array(&self, key: &str) -> Result<Vec<i64>> {
         self.array(key)?
             .iter()
-            .map(|v| v.as_i64().ok_or_else(|| Self::wrong(key, "array of integer", v)))
+            .map(|v| {
+                v.as_i64()
+                    .ok_or_else(|| Self::wrong(key, "array of integer", v))
+            })
             .collect()
     }
 

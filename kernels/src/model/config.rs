@@ -129,35 +129,35 @@ impl Config {
             _ => 1.0,
         };
         let rope_base = md.opt_f32(&k("rope.freq_base"))?.unwrap_or(10_000.0);
-        let (rope, rope_base_swa, sliding_window, swa_pattern, attn_scale, embed_scale) =
-            match arch {
-                Arch::Llama => (
-                    RopeKind::Normal,
-                    rope_base,
-                    None,
-                    1,
-                    1.0 / (head_dim as f32).sqrt(),
-                    None,
-                ),
-                Arch::Qwen2 => (
-                    RopeKind::Neox,
-                    rope_base,
-                    None,
-                    1,
-                    1.0 / (head_dim as f32).sqrt(),
-                    None,
-                ),
-                // llama.cpp hard-codes these for gemma3: local layers use rope
-                // base 10000, five local layers per global one.
-                Arch::Gemma3 => (
-                    RopeKind::Neox,
-                    10_000.0,
-                    md.opt_usize(&k("attention.sliding_window"), MAX_DIM)?,
-                    6,
-                    1.0 / (head_dim as f32).sqrt(),
-                    Some((n_embd as f32).sqrt()),
-                ),
-            };
+        let (rope, rope_base_swa, sliding_window, swa_pattern, attn_scale, embed_scale) = match arch
+        {
+            Arch::Llama => (
+                RopeKind::Normal,
+                rope_base,
+                None,
+                1,
+                1.0 / (head_dim as f32).sqrt(),
+                None,
+            ),
+            Arch::Qwen2 => (
+                RopeKind::Neox,
+                rope_base,
+                None,
+                1,
+                1.0 / (head_dim as f32).sqrt(),
+                None,
+            ),
+            // llama.cpp hard-codes these for gemma3: local layers use rope
+            // base 10000, five local layers per global one.
+            Arch::Gemma3 => (
+                RopeKind::Neox,
+                10_000.0,
+                md.opt_usize(&k("attention.sliding_window"), MAX_DIM)?,
+                6,
+                1.0 / (head_dim as f32).sqrt(),
+                Some((n_embd as f32).sqrt()),
+            ),
+        };
         Ok(Self {
             arch,
             n_layer: md.get_usize(&k("block_count"), MAX_LAYERS)?,
@@ -183,7 +183,9 @@ impl Config {
 
     /// Whether layer `il` uses sliding-window attention.
     pub fn is_swa(&self, il: usize) -> bool {
-        self.sliding_window.is_some() && self.swa_pattern > 1 && il % self.swa_pattern < self.swa_pattern - 1
+        self.sliding_window.is_some()
+            && self.swa_pattern > 1
+            && il % self.swa_pattern < self.swa_pattern - 1
     }
 
     /// Width of the K (and V) rows of one token.

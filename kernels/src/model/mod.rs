@@ -48,7 +48,11 @@ pub enum ModelError {
     #[error("KV cache holds layers {have:?}, not layer {layer}")]
     KvMissingLayer { layer: usize, have: Range<usize> },
     #[error("context full: positions {start}..{end} exceed the context of {ctx} tokens")]
-    ContextFull { start: usize, end: usize, ctx: usize },
+    ContextFull {
+        start: usize,
+        end: usize,
+        ctx: usize,
+    },
     #[error("token id {id} is outside the vocabulary of {n_vocab}")]
     BadToken { id: u32, n_vocab: usize },
     #[error("hidden state is {got} wide, the model needs {want}")]
@@ -119,7 +123,11 @@ impl Model {
             });
         }
         let c = &config;
-        let tok_embd = Weight::new(&file, file.require_tensor(names::TOKEN_EMBD)?, [c.n_embd, c.n_vocab])?;
+        let tok_embd = Weight::new(
+            &file,
+            file.require_tensor(names::TOKEN_EMBD)?,
+            [c.n_embd, c.n_vocab],
+        )?;
         let output = match file.tensor(names::OUTPUT) {
             Some(t) => Weight::new(&file, t, [c.n_embd, c.n_vocab])?,
             None => tok_embd.clone(),
@@ -259,7 +267,11 @@ impl Model {
         let mut q = vec![0f32; n * qd];
         let mut k = vec![0f32; n * kvd];
         let mut v = vec![0f32; n * kvd];
-        matmul_shared(&mut [(&l.wq, &mut q), (&l.wk, &mut k), (&l.wv, &mut v)], &x, n);
+        matmul_shared(
+            &mut [(&l.wq, &mut q), (&l.wk, &mut k), (&l.wv, &mut v)],
+            &x,
+            n,
+        );
         for (buf, bias) in [(&mut q, &l.bq), (&mut k, &l.bk), (&mut v, &l.bv)] {
             if let Some(b) = bias {
                 for row in buf.chunks_exact_mut(b.len()) {
@@ -313,7 +325,11 @@ impl Model {
             let mut scores: Vec<f32> = (first..=p)
                 .map(|j| {
                     let kr = &cache.k[j * kvd + kvh * hd..][..hd];
-                    let s: f32 = kr.iter().zip(&qh).map(|(a, b)| a.to_f32() * b.to_f32()).sum();
+                    let s: f32 = kr
+                        .iter()
+                        .zip(&qh)
+                        .map(|(a, b)| a.to_f32() * b.to_f32())
+                        .sum();
                     s * scale
                 })
                 .collect();
@@ -341,10 +357,14 @@ impl Model {
         let mut up = vec![0f32; n * c.n_ff];
         matmul_shared(&mut [(&l.ffn_gate, &mut gate), (&l.ffn_up, &mut up)], &x, n);
         match c.arch {
-            Arch::Gemma3 => gate.iter_mut().zip(&up).for_each(|(g, u)| *g = ops::gelu(*g) * u),
-            Arch::Llama | Arch::Qwen2 => {
-                gate.iter_mut().zip(&up).for_each(|(g, u)| *g = ops::silu(*g) * u)
-            }
+            Arch::Gemma3 => gate
+                .iter_mut()
+                .zip(&up)
+                .for_each(|(g, u)| *g = ops::gelu(*g) * u),
+            Arch::Llama | Arch::Qwen2 => gate
+                .iter_mut()
+                .zip(&up)
+                .for_each(|(g, u)| *g = ops::silu(*g) * u),
         }
         let mut o = vec![0f32; n * d];
         l.ffn_down.matmul(&gate, n, &mut o);
@@ -396,7 +416,11 @@ impl KvCache {
                 v: vec![f16::ZERO; ctx * kvd],
             })
             .collect();
-        Self { layers, ctx, caches }
+        Self {
+            layers,
+            ctx,
+            caches,
+        }
     }
 
     /// Context length in tokens.
@@ -411,7 +435,10 @@ impl KvCache {
 
     /// Bytes held.
     pub fn bytes(&self) -> usize {
-        self.caches.iter().map(|c| (c.k.len() + c.v.len()) * 2).sum()
+        self.caches
+            .iter()
+            .map(|c| (c.k.len() + c.v.len()) * 2)
+            .sum()
     }
 
     fn layer_mut(&mut self, il: usize) -> Result<&mut LayerCache, ModelError> {

@@ -80,7 +80,11 @@ pub fn softmax(x: &mut [f32]) {
     let max = x.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
     let mut sum = 0f64;
     for v in x.iter_mut() {
-        let e = if *v == f32::NEG_INFINITY { 0.0 } else { (*v - max).exp() };
+        let e = if *v == f32::NEG_INFINITY {
+            0.0
+        } else {
+            (*v - max).exp()
+        };
         *v = e;
         sum += e as f64;
     }

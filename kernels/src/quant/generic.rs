@@ -369,12 +369,11 @@ pub fn dot_q5_1_q8_1(w: &[BlockQ5_1], a: &[BlockQ8_1]) -> f32 {
 pub fn dot_q8_0_q8_0(w: &[BlockQ8_0], a: &[BlockQ8_0]) -> f32 {
     let mut sumf = 0f32;
     for (x, y) in w.iter().zip(a) {
-        let sumi: i32 = x
-            .qs
-            .iter()
-            .zip(&y.qs)
-            .map(|(&p, &q)| p as i32 * q as i32)
-            .sum();
+        let sumi: i32 =
+            x.qs.iter()
+                .zip(&y.qs)
+                .map(|(&p, &q)| p as i32 * q as i32)
+                .sum();
         sumf += sumi as f32 * (h(x.d) * h(y.d));
     }
     sumf

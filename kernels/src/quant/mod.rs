@@ -271,7 +271,11 @@ impl ActRows {
 #[derive(Debug, thiserror::Error)]
 pub enum QuantError {
     #[error("{ty} data of {len} bytes is not a whole number of {size}-byte blocks")]
-    Ragged { ty: GgmlType, len: usize, size: usize },
+    Ragged {
+        ty: GgmlType,
+        len: usize,
+        size: usize,
+    },
     #[error("{ty} data at address {addr:#x} is not aligned to {align} bytes")]
     Misaligned {
         ty: GgmlType,
@@ -347,16 +351,36 @@ pub fn vec_dot(ty: GgmlType, w: &[u8], acts: &ActRows, row: usize) -> f32 {
         (GgmlType::F32, QuantActs::F32(a)) => generic::dot_f32(c(w), &a[row * n..][..n]),
         (GgmlType::F16, QuantActs::F16(a)) => generic::dot_f16(c(w), &a[row * n..][..n]),
         (GgmlType::BF16, QuantActs::BF16(a)) => generic::dot_bf16(c(w), &a[row * n..][..n]),
-        (GgmlType::Q4_0, QuantActs::Q8_0(a)) => generic::dot_q4_0_q8_0(c(w), blocks_of(a, row, n, QK8_0)),
-        (GgmlType::Q5_0, QuantActs::Q8_0(a)) => generic::dot_q5_0_q8_0(c(w), blocks_of(a, row, n, QK8_0)),
-        (GgmlType::Q8_0, QuantActs::Q8_0(a)) => generic::dot_q8_0_q8_0(c(w), blocks_of(a, row, n, QK8_0)),
-        (GgmlType::Q4_1, QuantActs::Q8_1(a)) => generic::dot_q4_1_q8_1(c(w), blocks_of(a, row, n, QK8_1)),
-        (GgmlType::Q5_1, QuantActs::Q8_1(a)) => generic::dot_q5_1_q8_1(c(w), blocks_of(a, row, n, QK8_1)),
-        (GgmlType::Q2_K, QuantActs::Q8_K(a)) => generic::dot_q2_k_q8_k(c(w), blocks_of(a, row, n, QK_K)),
-        (GgmlType::Q3_K, QuantActs::Q8_K(a)) => generic::dot_q3_k_q8_k(c(w), blocks_of(a, row, n, QK_K)),
-        (GgmlType::Q4_K, QuantActs::Q8_K(a)) => generic::dot_q4_k_q8_k(c(w), blocks_of(a, row, n, QK_K)),
-        (GgmlType::Q5_K, QuantActs::Q8_K(a)) => generic::dot_q5_k_q8_k(c(w), blocks_of(a, row, n, QK_K)),
-        (GgmlType::Q6_K, QuantActs::Q8_K(a)) => generic::dot_q6_k_q8_k(c(w), blocks_of(a, row, n, QK_K)),
+        (GgmlType::Q4_0, QuantActs::Q8_0(a)) => {
+            generic::dot_q4_0_q8_0(c(w), blocks_of(a, row, n, QK8_0))
+        }
+        (GgmlType::Q5_0, QuantActs::Q8_0(a)) => {
+            generic::dot_q5_0_q8_0(c(w), blocks_of(a, row, n, QK8_0))
+        }
+        (GgmlType::Q8_0, QuantActs::Q8_0(a)) => {
+            generic::dot_q8_0_q8_0(c(w), blocks_of(a, row, n, QK8_0))
+        }
+        (GgmlType::Q4_1, QuantActs::Q8_1(a)) => {
+            generic::dot_q4_1_q8_1(c(w), blocks_of(a, row, n, QK8_1))
+        }
+        (GgmlType::Q5_1, QuantActs::Q8_1(a)) => {
+            generic::dot_q5_1_q8_1(c(w), blocks_of(a, row, n, QK8_1))
+        }
+        (GgmlType::Q2_K, QuantActs::Q8_K(a)) => {
+            generic::dot_q2_k_q8_k(c(w), blocks_of(a, row, n, QK_K))
+        }
+        (GgmlType::Q3_K, QuantActs::Q8_K(a)) => {
+            generic::dot_q3_k_q8_k(c(w), blocks_of(a, row, n, QK_K))
+        }
+        (GgmlType::Q4_K, QuantActs::Q8_K(a)) => {
+            generic::dot_q4_k_q8_k(c(w), blocks_of(a, row, n, QK_K))
+        }
+        (GgmlType::Q5_K, QuantActs::Q8_K(a)) => {
+            generic::dot_q5_k_q8_k(c(w), blocks_of(a, row, n, QK_K))
+        }
+        (GgmlType::Q6_K, QuantActs::Q8_K(a)) => {
+            generic::dot_q6_k_q8_k(c(w), blocks_of(a, row, n, QK_K))
+        }
         (ty, _) => panic!(
             "vec_dot: {ty} weights need {:?} activations, got {:?}",
             ty.vec_dot_type(),

@@ -35,8 +35,9 @@ impl Tokenizer {
         env.add_function("raise_exception", |msg: String| -> Result<String, Error> {
             Err(Error::new(ErrorKind::InvalidOperation, msg))
         });
-        env.add_template("chat", source)
-            .map_err(|e| TokenizerError::Template(format!("cannot parse the model's template: {e}")))?;
+        env.add_template("chat", source).map_err(|e| {
+            TokenizerError::Template(format!("cannot parse the model's template: {e}"))
+        })?;
         let tmpl = env.get_template("chat").expect("just added");
         let piece = |id: Option<u32>| {
             id.and_then(|i| self.token_text(i))

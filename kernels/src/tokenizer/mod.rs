@@ -138,7 +138,9 @@ impl Tokenizer {
                         scores.len()
                     )));
                 }
-                let add_space_prefix = md.opt_bool("tokenizer.ggml.add_space_prefix")?.unwrap_or(true);
+                let add_space_prefix = md
+                    .opt_bool("tokenizer.ggml.add_space_prefix")?
+                    .unwrap_or(true);
                 Engine::Spm(spm::Spm::new(&tokens, &kinds, scores, add_space_prefix))
             }
             other => return Err(TokenizerError::UnsupportedModel(other.to_string())),
@@ -149,7 +151,10 @@ impl Tokenizer {
             .enumerate()
             .filter(|(_, (t, k))| {
                 !t.is_empty()
-                    && matches!(k, TokenKind::Control | TokenKind::UserDefined | TokenKind::Unknown)
+                    && matches!(
+                        k,
+                        TokenKind::Control | TokenKind::UserDefined | TokenKind::Unknown
+                    )
             })
             .map(|(i, (t, k))| (t.clone(), i as u32, *k))
             .collect();
@@ -160,7 +165,13 @@ impl Tokenizer {
         let eot = md.opt_token("tokenizer.ggml.eot_token_id", n)?;
         let mut eog: Vec<u32> = eos.into_iter().chain(eot).collect();
         // Like llama.cpp, also stop on well-known end-of-turn control tokens.
-        for name in ["<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|endoftext|>", "<|end|>"] {
+        for name in [
+            "<|im_end|>",
+            "<|eot_id|>",
+            "<end_of_turn>",
+            "<|endoftext|>",
+            "<|end|>",
+        ] {
             if let Some(i) = tokens.iter().position(|t| t == name) {
                 if kinds[i] == TokenKind::Control && !eog.contains(&(i as u32)) {
                     eog.push(i as u32);
@@ -175,8 +186,12 @@ impl Tokenizer {
             bos,
             eos,
             eog,
-            add_bos: md.opt_bool("tokenizer.ggml.add_bos_token")?.unwrap_or(model == "llama"),
-            add_eos: md.opt_bool("tokenizer.ggml.add_eos_token")?.unwrap_or(false),
+            add_bos: md
+                .opt_bool("tokenizer.ggml.add_bos_token")?
+                .unwrap_or(model == "llama"),
+            add_eos: md
+                .opt_bool("tokenizer.ggml.add_eos_token")?
+                .unwrap_or(false),
             chat_template: md.opt_str("tokenizer.chat_template")?.map(str::to_owned),
         })
     }
@@ -209,7 +224,12 @@ impl Tokenizer {
     /// Tokenises `text`. `add_special` adds BOS/EOS as the model asks;
     /// `parse_special` turns control-token text (e.g. `<|im_start|>`) into
     /// the control token instead of plain text.
-    pub fn encode(&self, text: &str, add_special: bool, parse_special: bool) -> Result<Vec<u32>, TokenizerError> {
+    pub fn encode(
+        &self,
+        text: &str,
+        add_special: bool,
+        parse_special: bool,
+    ) -> Result<Vec<u32>, TokenizerError> {
         let mut out = Vec::new();
         if add_special && self.add_bos {
             out.extend(self.bos);
@@ -282,10 +302,13 @@ impl Tokenizer {
         };
         match self.kinds[id as usize] {
             TokenKind::Control | TokenKind::Unknown | TokenKind::Unused if !special => Vec::new(),
-            TokenKind::Control | TokenKind::Unknown | TokenKind::Unused | TokenKind::UserDefined => {
-                text.as_bytes().to_vec()
-            }
-            TokenKind::Byte => spm::byte_token_value(text).map(|b| vec![b]).unwrap_or_default(),
+            TokenKind::Control
+            | TokenKind::Unknown
+            | TokenKind::Unused
+            | TokenKind::UserDefined => text.as_bytes().to_vec(),
+            TokenKind::Byte => spm::byte_token_value(text)
+                .map(|b| vec![b])
+                .unwrap_or_default(),
             TokenKind::Normal => match &self.engine {
                 Engine::Bpe(_) => bytelevel::decode(text),
                 Engine::Spm(_) => text.replace('\u{2581}', " ").into_bytes(),
@@ -295,7 +318,10 @@ impl Tokenizer {
 
     /// Decodes ids to text (invalid UTF-8 replaced), control tokens omitted.
     pub fn decode(&self, ids: &[u32]) -> String {
-        let bytes: Vec<u8> = ids.iter().flat_map(|&id| self.token_bytes(id, false)).collect();
+        let bytes: Vec<u8> = ids
+            .iter()
+            .flat_map(|&id| self.token_bytes(id, false))
+            .collect();
         String::from_utf8_lossy(&bytes).into_owned()
     }
 }
@@ -343,8 +369,12 @@ fn build_bpe(
         .build()
         .map_err(|e| TokenizerError::Backend(e.to_string()))?;
     let regex = |p: &str| -> Result<PreTokenizerWrapper, TokenizerError> {
-        let split = Split::new(SplitPattern::Regex(p.into()), SplitDelimiterBehavior::Isolated, false)
-            .map_err(|e| TokenizerError::Backend(e.to_string()))?;
+        let split = Split::new(
+            SplitPattern::Regex(p.into()),
+            SplitDelimiterBehavior::Isolated,
+            false,
+        )
+        .map_err(|e| TokenizerError::Backend(e.to_string()))?;
         Ok(split.into())
     };
     let bytes = |use_regex: bool| -> PreTokenizerWrapper {
@@ -356,9 +386,11 @@ fn build_bpe(
     };
     let pre_tok = match pre {
         "default" | "gpt2" => Sequence::new(vec![regex(GPT2_PATTERN)?, bytes(false)]),
-        "smollm" | "starcoder" | "refact" | "codeshell" | "command-r" => {
-            Sequence::new(vec![Digits::new(true).into(), regex(GPT2_PATTERN)?, bytes(false)])
-        }
+        "smollm" | "starcoder" | "refact" | "codeshell" | "command-r" => Sequence::new(vec![
+            Digits::new(true).into(),
+            regex(GPT2_PATTERN)?,
+            bytes(false),
+        ]),
         "llama-bpe" | "llama3" | "llama-v3" | "smaug-bpe" => {
             Sequence::new(vec![regex(LLAMA3_PATTERN)?, bytes(false)])
         }

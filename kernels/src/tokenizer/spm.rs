@@ -63,7 +63,12 @@ impl Ord for Bigram {
 }
 
 impl Spm {
-    pub(super) fn new(tokens: &[String], kinds: &[TokenKind], scores: Vec<f32>, add_space_prefix: bool) -> Self {
+    pub(super) fn new(
+        tokens: &[String],
+        kinds: &[TokenKind],
+        scores: Vec<f32>,
+        add_space_prefix: bool,
+    ) -> Self {
         let mut by_text = HashMap::with_capacity(tokens.len());
         let mut byte_tokens = [None; 256];
         for (i, (t, k)) in tokens.iter().zip(kinds).enumerate() {
@@ -124,7 +129,10 @@ impl Spm {
         while let Some(b) = queue.pop() {
             let (l, r) = (b.left, b.right);
             // Skip pairs whose symbols changed since the pair was queued.
-            if symbols[l].len == 0 || symbols[r].len == 0 || symbols[l].len + symbols[r].len != b.size {
+            if symbols[l].len == 0
+                || symbols[r].len == 0
+                || symbols[l].len + symbols[r].len != b.size
+            {
                 continue;
             }
             symbols[l].len += symbols[r].len;

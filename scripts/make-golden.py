@@ -1,0 +1,85 @@
+#!/usr/bin/env python3
+"""Produce golden outputs from llama.cpp for prima's engine tests.
+
+Runs llama.cpp (through llama-cpp-python, built from source by
+scripts/llama-venv) on the real models and writes
+kernels/tests/data/llama-cpp-golden.json. Not run in CI: CI only reads the
+JSON this writes. Usage:
+
+    scripts/llama-venv                       # once: builds llama.cpp (minutes)
+    ~/.cache/prima/llama-venv/bin/python scripts/make-golden.py
+"""
+import json, os, subprocess, sys
+from pathlib import Path
+
+from llama_cpp import Llama
+
+ROOT = Path(__file__).resolve().parent.parent
+models = subprocess.run([ROOT / "scripts/fetch-models"], check=True, capture_output=True, text=True).stdout.split()
+SMOL, GEMMA = models
+
+LONG = ("The history of computing is a story of people finding ways to make machines do arithmetic, "
+        "then logic, then language. Early mechanical calculators could add and subtract; later, "
+        "electromechanical relays and vacuum tubes made programmable computers possible. In the "
+        "decades that followed, transistors and integrated circuits shrank these machines from rooms "
+        "to desks to pockets. Today, a household might own a dozen devices, each with")
+
+TOKENIZE = [
+    "Hello, world!",
+    "  leading spaces and   runs   of\twhitespace\n\n\nnewlines",
+    "digits 1234567890 and 3.14159 and 1,000,000",
+    "unicode: café, naïve, Ærøskøbing, 日本語のテキスト, Ελληνικά, русский",
+    "emoji 🦀🚀 👍🏽 family 👨‍👩‍👧",
+    "code: fn main() { println!(\"{}\", x + 1); } // done",
+    "<|im_start|>user\nhi<|im_end|> <start_of_turn> literal specials",
+]
+
+
+def generate(llm, ids, n):
+    out = []
+    for t in llm.generate(ids, top_k=1, temp=0.0, repeat_penalty=1.0):
+        if llm.token_eos() == t or t in (llm.token_eos(),):
+            break
+        out.append(t)
+        if len(out) >= n:
+            break
+    return out
+
+
+def model_cases(path, chat):
+    llm = Llama(model_path=path, n_ctx=512, n_batch=512, n_threads=2, verbose=False, flash_attn=False)
+    cases = []
+    ids = llm.tokenize(LONG.encode(), add_bos=True, special=False)
+    assert len(ids) > 64, len(ids)
+    out = generate(llm, ids, 128)
+    cases.append({"name": "long-prompt-128", "prompt": LONG, "chat": False, "prompt_ids": ids,
+                  "output_ids": out, "output": llm.detokenize(out).decode("utf-8", "replace")})
+    if chat:
+        msgs = [{"role": "user", "content": "Write a short poem about the sea."}]
+        from jinja2 import Template
+        tmpl = llm.metadata["tokenizer.chat_template"]
+        rendered = Template(tmpl).render(messages=msgs, add_generation_prompt=True)
+        ids = llm.tokenize(rendered.encode(), add_bos=True, special=True)
+        out = generate(llm, ids, 64)
+        cases.append({"name": "chat-poem", "prompt": msgs[0]["content"], "chat": True,
+                      "rendered_prompt": rendered, "prompt_ids": ids, "output_ids": out,
+                      "output": llm.detokenize(out).decode("utf-8", "replace")})
+    toks = []
+    for text in TOKENIZE:
+        toks.append({"text": text,
+                     "ids": llm.tokenize(text.encode(), add_bos=False, special=False),
+                     "ids_parse_special": llm.tokenize(text.encode(), add_bos=False, special=True)})
+    return {"cases": cases, "tokenize": toks}
+
+
+golden = {
+    "source": "llama.cpp via llama-cpp-python 0.3.36 (vendored llama.cpp), CPU, 2 threads, greedy; "
+              "prompt evaluated as one batch, then one token at a time",
+    "models": {
+        Path(SMOL).name: model_cases(SMOL, chat=True),
+        Path(GEMMA).name: model_cases(GEMMA, chat=False),
+    },
+}
+dest = ROOT / "kernels/tests/data/llama-cpp-golden.json"
+dest.write_text(json.dumps(golden, indent=1, ensure_ascii=False) + "\n")
+print(f"wrote {dest}", file=sys.stderr)
