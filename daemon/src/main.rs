@@ -311,7 +311,7 @@ fn inspect(a: InspectArgs) -> Result<()> {
             None => mix.push((t.ty, 1, t.size)),
         }
     }
-    mix.sort_by(|a, b| b.2.cmp(&a.2));
+    mix.sort_by_key(|m| std::cmp::Reverse(m.2));
     let params: u64 = f.tensors.iter().map(|t| t.n_elements()).sum();
     let weight_bytes: u64 = f.tensors.iter().map(|t| t.size).sum();
     let name = f

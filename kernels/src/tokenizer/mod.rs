@@ -69,7 +69,7 @@ pub enum TokenizerError {
 
 enum Engine {
     Bpe(Box<tokenizers::Tokenizer>),
-    Spm(spm::Spm),
+    Spm(Box<spm::Spm>),
 }
 
 /// A tokenizer for one model.
@@ -141,7 +141,12 @@ impl Tokenizer {
                 let add_space_prefix = md
                     .opt_bool("tokenizer.ggml.add_space_prefix")?
                     .unwrap_or(true);
-                Engine::Spm(spm::Spm::new(&tokens, &kinds, scores, add_space_prefix))
+                Engine::Spm(Box::new(spm::Spm::new(
+                    &tokens,
+                    &kinds,
+                    scores,
+                    add_space_prefix,
+                )))
             }
             other => return Err(TokenizerError::UnsupportedModel(other.to_string())),
         };

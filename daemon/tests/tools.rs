@@ -1,0 +1,197 @@
+//! The engine tools of the `primad` binary, run as a user would.
+
+use std::{path::PathBuf, process::Command};
+
+fn models() -> PathBuf {
+    std::env::var_os("PRIMA_MODELS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            let cache = std::env::var_os("XDG_CACHE_HOME")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| {
+                    PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache")
+                });
+            cache.join("prima/models")
+        })
+}
+
+fn smol() -> PathBuf {
+    let p = models().join("SmolLM2-135M-Instruct.Q4_1.gguf");
+    assert!(
+        p.exists(),
+        "{} missing: run scripts/fetch-models",
+        p.display()
+    );
+    p
+}
+
+fn primad(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_primad"))
+        .args(args)
+        .output()
+        .expect("run primad")
+}
+
+#[test]
+fn generate_prints_exactly_the_generated_text() {
+    let m = smol();
+    let out = primad(&[
+        "generate",
+        "-m",
+        m.to_str().unwrap(),
+        "-p",
+        "The capital of France is",
+        "-n",
+        "32",
+        "-t",
+        "2",
+        "--ids",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The shared llama.cpp reference for this prompt.
+    assert_eq!(
+        String::from_utf8(out.stdout).unwrap(),
+        " Paris.\n\nThe United States has a population of approximately 311 million people.\n\nThe United States has a population of approximately 31"
+    );
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    let json: serde_json::Value =
+        serde_json::from_str(stderr.lines().rev().find(|l| l.starts_with('{')).unwrap()).unwrap();
+    assert_eq!(
+        json["prompt_ids"],
+        serde_json::json!([504, 3575, 282, 4649, 314])
+    );
+    assert_eq!(json["output_ids"].as_array().unwrap().len(), 32);
+    assert_eq!(json["finish_reason"], "length");
+}
+
+#[test]
+fn generate_stops_at_stop_strings_and_chat_ends_at_end_of_turn() {
+    let m = smol();
+    let out = primad(&[
+        "generate",
+        "-m",
+        m.to_str().unwrap(),
+        "-p",
+        "The capital of France is",
+        "-n",
+        "32",
+        "--stop",
+        "\n",
+    ]);
+    assert!(out.status.success());
+    assert_eq!(String::from_utf8(out.stdout).unwrap(), " Paris.");
+    let out = primad(&[
+        "generate",
+        "-m",
+        m.to_str().unwrap(),
+        "-p",
+        "Say hello.",
+        "--chat",
+        "-n",
+        "200",
+        "--ids",
+    ]);
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(!text.contains("<|im_end|>") && !text.is_empty(), "{text:?}");
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert!(stderr.contains("\"finish_reason\":\"stop\""), "{stderr}");
+}
+
+#[test]
+fn sampling_is_seeded() {
+    let m = smol();
+    let run = |seed: &str| {
+        let out = primad(&[
+            "generate",
+            "-m",
+            m.to_str().unwrap(),
+            "-p",
+            "Once upon a time",
+            "-n",
+            "24",
+            "--temperature",
+            "1.0",
+            "--seed",
+            seed,
+        ]);
+        assert!(out.status.success());
+        out.stdout
+    };
+    assert_eq!(run("1"), run("1"));
+    assert_ne!(run("1"), run("2"));
+}
+
+#[test]
+fn perplexity_json_and_inspect() {
+    let m = smol();
+    let data = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../kernels/tests/data/ppl.txt");
+    let out = primad(&[
+        "perplexity",
+        "-m",
+        m.to_str().unwrap(),
+        "-f",
+        data.to_str().unwrap(),
+        "--ctx",
+        "128",
+        "--json",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let ppl = v["ppl"].as_f64().unwrap();
+    assert!((ppl - 22.4761).abs() / 22.4761 < 0.01, "{ppl}");
+    assert_eq!(v["tokens"], 898);
+    assert_eq!(v["chunks"].as_array().unwrap().len(), 7);
+
+    let out = primad(&["inspect", "-m", m.to_str().unwrap(), "--json"]);
+    assert!(out.status.success());
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["architecture"], "llama");
+    assert_eq!(v["layers"], 30);
+    assert_eq!(v["vocab"], 49152);
+    assert_eq!(v["quant_mix"][0]["type"], "Q4_1");
+    assert!(v["chat_template"]
+        .as_str()
+        .unwrap()
+        .contains("<|im_start|>"));
+    let out = primad(&["inspect", "-m", m.to_str().unwrap()]);
+    assert!(String::from_utf8(out.stdout)
+        .unwrap()
+        .contains("architecture  llama"));
+}
+
+#[test]
+fn bad_model_files_give_clear_errors() {
+    let dir = std::env::temp_dir().join(format!("primad-bad-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    // A truncated copy of the real model.
+    let bytes = std::fs::read(smol()).unwrap();
+    let truncated = dir.join("truncated.gguf");
+    std::fs::write(&truncated, &bytes[..bytes.len() / 2]).unwrap();
+    let out = primad(&["generate", "-m", truncated.to_str().unwrap(), "-p", "hi"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(
+        err.contains("needs") && err.contains("remaining in file"),
+        "{err}"
+    );
+    let text = dir.join("text.gguf");
+    std::fs::write(&text, b"hello world, not a model").unwrap();
+    let out = primad(&["inspect", "-m", text.to_str().unwrap()]);
+    assert!(String::from_utf8(out.stderr)
+        .unwrap()
+        .contains("not a GGUF file"));
+    let out = primad(&["generate", "-m", "/nonexistent.gguf", "-p", "hi"]);
+    assert!(String::from_utf8(out.stderr)
+        .unwrap()
+        .contains("cannot open /nonexistent.gguf"));
+    std::fs::remove_dir_all(&dir).ok();
+}
