@@ -178,13 +178,7 @@ fn is_broken_pipe(e: &anyhow::Error) -> bool {
 
 fn set_threads(n: Option<usize>) -> Result<()> {
     if let Some(n) = n {
-        if n == 0 {
-            bail!("--threads must be at least 1");
-        }
-        rayon::ThreadPoolBuilder::new()
-            .num_threads(n)
-            .build_global()
-            .context("configuring the thread pool")?;
+        prima_kernels::cpu::set_threads(n).context("--threads")?;
     }
     Ok(())
 }

@@ -6,12 +6,14 @@
 //! Layout:
 //! - [`gguf`]: the bounded GGUF v2/v3 reader.
 //! - [`quant`]: block layouts, scalar reference kernels, activation quantisation.
+//! - [`cpu`]: run-time SIMD dispatch (AVX2/FMA kernels) over the scalar reference.
 //! - [`tensor`]: weight views and matrix products.
 //! - [`model`]: architectures (`llama`, `qwen2`, `gemma3`), KV cache, forward pass.
 //! - [`tokenizer`]: byte-level BPE and SentencePiece vocabularies, chat templates.
 //! - [`sample`]: token sampling.
 //! - [`engine`]: single-device generation and perplexity on top of the above.
 
+pub mod cpu;
 pub mod engine;
 pub mod gguf;
 pub mod model;

@@ -124,7 +124,7 @@ impl Weight {
         if n == 1 {
             out.par_chunks_mut(chunk).enumerate().for_each(|(c, o)| {
                 for (i, v) in o.iter_mut().enumerate() {
-                    *v = quant::vec_dot(self.ty, self.row(c * chunk + i), acts, 0);
+                    *v = crate::cpu::vec_dot(self.ty, self.row(c * chunk + i), acts, 0);
                 }
             });
             return;
@@ -138,7 +138,7 @@ impl Weight {
                 for (i, orow) in o.chunks_exact_mut(n).enumerate() {
                     let w = self.row(c * chunk + i);
                     for (t, v) in orow.iter_mut().enumerate() {
-                        *v = quant::vec_dot(self.ty, w, acts, t);
+                        *v = crate::cpu::vec_dot(self.ty, w, acts, t);
                     }
                 }
             });

@@ -396,3 +396,5 @@ fn blocks_of<T>(a: &[T], row: usize, cols: usize, bs: usize) -> &[T] {
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+pub(crate) mod testutil;

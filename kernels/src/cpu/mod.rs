@@ -1,0 +1,166 @@
+//! CPU kernel dispatch: SIMD implementations chosen at run time (packages
+//! target baseline x86-64, so compile-time `target-cpu=native` is not an
+//! option), with the scalar reference in `quant::generic` as the fallback
+//! and as the ground truth the SIMD code is tested against.
+//!
+//! `PRIMA_SIMD=off` in the environment (or [`set_simd`]) forces the scalar
+//! path, to check that outputs do not depend on it.
+
+use std::sync::{
+    atomic::{AtomicU8, Ordering},
+    OnceLock,
+};
+
+use crate::quant::{self, ActRows, GgmlType, QuantActs};
+
+#[cfg(target_arch = "x86_64")]
+mod x86_64;
+
+static POOL: OnceLock<rayon::ThreadPool> = OnceLock::new();
+static THREADS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// Error from [`set_threads`].
+#[derive(Debug, thiserror::Error)]
+pub enum PoolError {
+    #[error("the worker pool already runs with {0} threads; set the count before the first forward pass")]
+    AlreadyStarted(usize),
+    #[error("thread count must be at least 1")]
+    Zero,
+}
+
+/// Sets how many threads the forward pass uses (default: all cores).
+/// Must be called before the first forward pass.
+pub fn set_threads(n: usize) -> Result<(), PoolError> {
+    if n == 0 {
+        return Err(PoolError::Zero);
+    }
+    if let Some(p) = POOL.get() {
+        if p.current_num_threads() != n {
+            return Err(PoolError::AlreadyStarted(p.current_num_threads()));
+        }
+    }
+    THREADS.store(n, Ordering::Relaxed);
+    Ok(())
+}
+
+fn pool() -> &'static rayon::ThreadPool {
+    POOL.get_or_init(|| {
+        let n = match THREADS.load(Ordering::Relaxed) {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
+        };
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(n)
+            .thread_name(|i| format!("prima-cpu-{i}"))
+            .build()
+            .expect("spawning the CPU worker threads")
+    })
+}
+
+/// Threads of the worker pool.
+pub fn threads() -> usize {
+    pool().current_num_threads()
+}
+
+/// Runs `f` on the worker pool: the parallel loops inside it then share work
+/// among the pool's threads without a cross-thread hand-off per loop.
+pub fn install<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    pool().install(f)
+}
+
+/// 0 = follow detection and the environment, 1 = forced on, 2 = forced off.
+static OVERRIDE: AtomicU8 = AtomicU8::new(0);
+
+/// Turns the SIMD kernels on or off for the whole process (tests, benches).
+/// Turning them on has no effect where the CPU lacks the features.
+pub fn set_simd(on: bool) {
+    OVERRIDE.store(if on { 1 } else { 2 }, Ordering::Relaxed);
+}
+
+/// Whether AVX2, FMA and F16C are present (x86-64 only).
+pub fn avx2_available() -> bool {
+    static DETECTED: OnceLock<bool> = OnceLock::new();
+    *DETECTED.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        {
+            is_x86_feature_detected!("avx2")
+                && is_x86_feature_detected!("fma")
+                && is_x86_feature_detected!("f16c")
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            false
+        }
+    })
+}
+
+fn env_allows_simd() -> bool {
+    static ENV: OnceLock<bool> = OnceLock::new();
+    *ENV.get_or_init(|| {
+        !matches!(
+            std::env::var("PRIMA_SIMD").as_deref(),
+            Ok("off" | "0" | "false" | "no")
+        )
+    })
+}
+
+/// Whether the SIMD kernels are in use right now.
+pub fn simd_enabled() -> bool {
+    match OVERRIDE.load(Ordering::Relaxed) {
+        1 => avx2_available(),
+        2 => false,
+        _ => avx2_available() && env_allows_simd(),
+    }
+}
+
+/// A short description of the kernels in use, for logs and benchmarks.
+pub fn describe() -> &'static str {
+    if simd_enabled() {
+        "x86-64 AVX2+FMA"
+    } else {
+        "portable scalar"
+    }
+}
+
+/// Dot product of one weight row with activation row `row`, using the best
+/// kernel available; same contract as [`quant::vec_dot`].
+#[inline]
+pub fn vec_dot(ty: GgmlType, w: &[u8], acts: &ActRows, row: usize) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if simd_enabled() {
+        use bytemuck::cast_slice as c;
+        let n = acts.cols;
+        let blocks = |bs: usize| (row * (n / bs), n / bs);
+        match (ty, &acts.data) {
+            (GgmlType::Q8_0, QuantActs::Q8_0(a)) => {
+                let (s, l) = blocks(32);
+                return x86_64::dot_q8_0_q8_0(c(w), &a[s..s + l]);
+            }
+            (GgmlType::Q4_0, QuantActs::Q8_0(a)) => {
+                let (s, l) = blocks(32);
+                return x86_64::dot_q4_0_q8_0(c(w), &a[s..s + l]);
+            }
+            (GgmlType::Q5_0, QuantActs::Q8_0(a)) => {
+                let (s, l) = blocks(32);
+                return x86_64::dot_q5_0_q8_0(c(w), &a[s..s + l]);
+            }
+            (GgmlType::Q4_1, QuantActs::Q8_1(a)) => {
+                let (s, l) = blocks(32);
+                return x86_64::dot_q4_1_q8_1(c(w), &a[s..s + l]);
+            }
+            (GgmlType::Q4_K, QuantActs::Q8_K(a)) => {
+                let (s, l) = blocks(256);
+                return x86_64::dot_q4_k_q8_k(c(w), &a[s..s + l]);
+            }
+            (GgmlType::Q6_K, QuantActs::Q8_K(a)) => {
+                let (s, l) = blocks(256);
+                return x86_64::dot_q6_k_q8_k(c(w), &a[s..s + l]);
+            }
+            _ => {}
+        }
+    }
+    quant::vec_dot(ty, w, acts, row)
+}
+
+#[cfg(test)]
+mod tests;

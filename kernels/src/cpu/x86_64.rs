@@ -1,0 +1,251 @@
+//! AVX2 + FMA dot products for x86-64. The only unsafe code of the CPU
+//! kernels lives here; each function is checked against the scalar
+//! reference in `quant::generic` by the tests in `cpu::tests`.
+//!
+//! Every entry point is a safe `pub(crate)` wrapper that the dispatcher calls
+//! only after `is_x86_feature_detected!` confirmed AVX2 and FMA.
+
+use std::arch::x86_64::*;
+
+use crate::quant::blocks::*;
+
+/// f16 to f32 with the F16C instruction (no run-time dispatch per call).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn h(v: half::f16) -> f32 {
+    _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(v.to_bits() as i32)))
+}
+
+/// Sum of the eight f32 lanes.
+#[target_feature(enable = "avx2,fma,f16c")]
+fn hsum_ps(v: __m256) -> f32 {
+    let lo = _mm256_castps256_ps128(v);
+    let hi = _mm256_extractf128_ps(v, 1);
+    let s = _mm_add_ps(lo, hi);
+    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    let s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    _mm_cvtss_f32(s)
+}
+
+/// Sum of the eight i32 lanes.
+#[target_feature(enable = "avx2,fma,f16c")]
+fn hsum_epi32(v: __m256i) -> i32 {
+    let lo = _mm256_castsi256_si128(v);
+    let hi = _mm256_extracti128_si256(v, 1);
+    let s = _mm_add_epi32(lo, hi);
+    let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b01_00_11_10));
+    let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b10_11_00_01));
+    _mm_cvtsi128_si32(s)
+}
+
+/// 16 bytes of packed nibbles to 32 bytes: low nibbles first, then high.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn nibbles(p: *const u8) -> __m256i {
+    // SAFETY: callers pass a pointer to 16 readable bytes.
+    let tmp = unsafe { _mm_loadu_si128(p as *const __m128i) };
+    let both = _mm256_set_m128i(_mm_srli_epi16(tmp, 4), tmp);
+    _mm256_and_si256(both, _mm256_set1_epi8(0x0f))
+}
+
+/// Pairwise products of unsigned bytes `a` and signed bytes `b`, summed to
+/// eight i32 lanes.
+#[target_feature(enable = "avx2,fma,f16c")]
+fn dot_u8_i8(a: __m256i, b: __m256i) -> __m256i {
+    _mm256_madd_epi16(_mm256_maddubs_epi16(a, b), _mm256_set1_epi16(1))
+}
+
+/// Signed-by-signed byte dot product, to eight i32 lanes.
+#[target_feature(enable = "avx2,fma,f16c")]
+fn dot_i8_i8(a: __m256i, b: __m256i) -> __m256i {
+    let ax = _mm256_sign_epi8(a, a);
+    let sy = _mm256_sign_epi8(b, a);
+    dot_u8_i8(ax, sy)
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn load(p: &[i8; 32]) -> __m256i {
+    // SAFETY: the array is 32 readable bytes.
+    unsafe { _mm256_loadu_si256(p.as_ptr() as *const __m256i) }
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+fn q8_0_q8_0(w: &[BlockQ8_0], a: &[BlockQ8_0]) -> f32 {
+    let mut acc = _mm256_setzero_ps();
+    for (x, y) in w.iter().zip(a) {
+        let d = _mm256_set1_ps(h(x.d) * h(y.d));
+        // SAFETY: both blocks hold 32 bytes of quants.
+        let p = dot_i8_i8(unsafe { load(&x.qs) }, unsafe { load(&y.qs) });
+        acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(p), acc);
+    }
+    hsum_ps(acc)
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+fn q4_0_q8_0(w: &[BlockQ4_0], a: &[BlockQ8_0]) -> f32 {
+    let mut acc = _mm256_setzero_ps();
+    for (x, y) in w.iter().zip(a) {
+        let d = _mm256_set1_ps(h(x.d) * h(y.d));
+        // SAFETY: qs is 16 bytes; y.qs 32.
+        let p = unsafe {
+            let q = _mm256_sub_epi8(nibbles(x.qs.as_ptr()), _mm256_set1_epi8(8));
+            dot_i8_i8(q, load(&y.qs))
+        };
+        acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(p), acc);
+    }
+    hsum_ps(acc)
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+fn q4_1_q8_1(w: &[BlockQ4_1], a: &[BlockQ8_1]) -> f32 {
+    let mut acc = _mm256_setzero_ps();
+    let mut summs = 0f32;
+    for (x, y) in w.iter().zip(a) {
+        summs += h(x.m) * h(y.s);
+        let d = _mm256_set1_ps(h(x.d) * h(y.d));
+        // SAFETY: qs is 16 bytes; y.qs 32.
+        let p = unsafe { dot_u8_i8(nibbles(x.qs.as_ptr()), load(&y.qs)) };
+        acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(p), acc);
+    }
+    hsum_ps(acc) + summs
+}
+
+/// The 32 fifth bits of a Q5 block as bytes 0x00 (bit set) or 0xF0 (clear),
+/// so that OR-ing them into the nibbles gives `q - 16` as signed bytes.
+#[target_feature(enable = "avx2,fma,f16c")]
+fn q5_high(qh: [u8; 4]) -> __m256i {
+    let bits = u32::from_le_bytes(qh) as i32;
+    // Spread byte k of the mask to lanes 8k..8k+7, then test bit (i % 8).
+    let shuffle = _mm256_set_epi64x(
+        0x0303_0303_0303_0303,
+        0x0202_0202_0202_0202,
+        0x0101_0101_0101_0101,
+        0x0000_0000_0000_0000,
+    );
+    let spread = _mm256_shuffle_epi8(_mm256_set1_epi32(bits), shuffle);
+    let bit = _mm256_set1_epi64x(0x7fbf_dfef_f7fb_fdfe_u64 as i64);
+    let set = _mm256_cmpeq_epi8(_mm256_or_si256(spread, bit), _mm256_set1_epi64x(-1));
+    _mm256_andnot_si256(set, _mm256_set1_epi8(0xf0u8 as i8))
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+fn q5_0_q8_0(w: &[BlockQ5_0], a: &[BlockQ8_0]) -> f32 {
+    let mut acc = _mm256_setzero_ps();
+    for (x, y) in w.iter().zip(a) {
+        let d = _mm256_set1_ps(h(x.d) * h(y.d));
+        // SAFETY: qs is 16 bytes; y.qs 32.
+        let p = unsafe {
+            let q = _mm256_or_si256(nibbles(x.qs.as_ptr()), q5_high(x.qh));
+            dot_i8_i8(q, load(&y.qs))
+        };
+        acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(p), acc);
+    }
+    hsum_ps(acc)
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+fn q4_k_q8_k(w: &[BlockQ4K], a: &[BlockQ8K]) -> f32 {
+    let mut sumf = 0f32;
+    for (x, y) in w.iter().zip(a) {
+        let mut sc = [0i16; 8];
+        let mut summ = 0i32;
+        for (j, s) in sc.iter_mut().enumerate() {
+            let (scale, min) = crate::quant::generic::scale_min_k4(j, &x.scales);
+            *s = scale as i16;
+            summ += min as i32 * (y.bsums[2 * j] as i32 + y.bsums[2 * j + 1] as i32);
+        }
+        let mut acc = _mm256_setzero_si256();
+        for c in 0..4 {
+            // SAFETY: 32 bytes of qs per 64 weights; 64 bytes of q8 per chunk.
+            unsafe {
+                let raw = _mm256_loadu_si256(x.qs.as_ptr().add(32 * c) as *const __m256i);
+                let lo = _mm256_and_si256(raw, _mm256_set1_epi8(0x0f));
+                let hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), _mm256_set1_epi8(0x0f));
+                let y0 = _mm256_loadu_si256(y.qs.as_ptr().add(64 * c) as *const __m256i);
+                let y1 = _mm256_loadu_si256(y.qs.as_ptr().add(64 * c + 32) as *const __m256i);
+                let p0 =
+                    _mm256_madd_epi16(_mm256_maddubs_epi16(lo, y0), _mm256_set1_epi16(sc[2 * c]));
+                let p1 = _mm256_madd_epi16(
+                    _mm256_maddubs_epi16(hi, y1),
+                    _mm256_set1_epi16(sc[2 * c + 1]),
+                );
+                acc = _mm256_add_epi32(acc, _mm256_add_epi32(p0, p1));
+            }
+        }
+        let isum = hsum_epi32(acc);
+        sumf += h(x.d) * y.d * isum as f32 - h(x.dmin) * y.d * summ as f32;
+    }
+    sumf
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+fn q6_k_q8_k(w: &[BlockQ6K], a: &[BlockQ8K]) -> f32 {
+    let mut sumf = 0f32;
+    let m4 = _mm256_set1_epi8(0x0f);
+    let m3 = _mm256_set1_epi8(0x03);
+    for (x, y) in w.iter().zip(a) {
+        let mut acc = _mm256_setzero_si256();
+        let mut bias = 0i32;
+        for (s, &b) in x.scales.iter().zip(&y.bsums) {
+            bias += *s as i32 * b as i32;
+        }
+        for n in 0..2 {
+            // SAFETY: ql has 64 bytes and qh 32 per half; q8 128 per half.
+            unsafe {
+                let ql0 = _mm256_loadu_si256(x.ql.as_ptr().add(64 * n) as *const __m256i);
+                let ql1 = _mm256_loadu_si256(x.ql.as_ptr().add(64 * n + 32) as *const __m256i);
+                let qh = _mm256_loadu_si256(x.qh.as_ptr().add(32 * n) as *const __m256i);
+                let quarters = [
+                    _mm256_or_si256(
+                        _mm256_and_si256(ql0, m4),
+                        _mm256_slli_epi16(_mm256_and_si256(qh, m3), 4),
+                    ),
+                    _mm256_or_si256(
+                        _mm256_and_si256(ql1, m4),
+                        _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 2), m3), 4),
+                    ),
+                    _mm256_or_si256(
+                        _mm256_and_si256(_mm256_srli_epi16(ql0, 4), m4),
+                        _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 4), m3), 4),
+                    ),
+                    _mm256_or_si256(
+                        _mm256_and_si256(_mm256_srli_epi16(ql1, 4), m4),
+                        _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 6), m3), 4),
+                    ),
+                ];
+                for (k, q) in quarters.into_iter().enumerate() {
+                    let y8 =
+                        _mm256_loadu_si256(y.qs.as_ptr().add(128 * n + 32 * k) as *const __m256i);
+                    let s0 = x.scales[8 * n + 2 * k] as i16;
+                    let s1 = x.scales[8 * n + 2 * k + 1] as i16;
+                    let scale = _mm256_set_m128i(_mm_set1_epi16(s1), _mm_set1_epi16(s0));
+                    let p = _mm256_madd_epi16(_mm256_maddubs_epi16(q, y8), scale);
+                    acc = _mm256_add_epi32(acc, p);
+                }
+            }
+        }
+        let isum = hsum_epi32(acc) - 32 * bias;
+        sumf += h(x.d) * y.d * isum as f32;
+    }
+    sumf
+}
+
+// Safe wrappers. The dispatcher in `cpu::mod` calls them only when AVX2 and
+// FMA were detected at run time.
+
+macro_rules! safe {
+    ($name:ident, $inner:ident, $w:ty, $a:ty) => {
+        pub(crate) fn $name(w: &[$w], a: &[$a]) -> f32 {
+            debug_assert!(super::avx2_available());
+            // SAFETY: the dispatcher checked AVX2 and FMA at run time; the
+            // slices carry their own bounds.
+            unsafe { $inner(w, a) }
+        }
+    };
+}
+
+safe!(dot_q8_0_q8_0, q8_0_q8_0, BlockQ8_0, BlockQ8_0);
+safe!(dot_q4_0_q8_0, q4_0_q8_0, BlockQ4_0, BlockQ8_0);
+safe!(dot_q4_1_q8_1, q4_1_q8_1, BlockQ4_1, BlockQ8_1);
+safe!(dot_q5_0_q8_0, q5_0_q8_0, BlockQ5_0, BlockQ8_0);
+safe!(dot_q4_k_q8_k, q4_k_q8_k, BlockQ4K, BlockQ8K);
+safe!(dot_q6_k_q8_k, q6_k_q8_k, BlockQ6K, BlockQ8K);
