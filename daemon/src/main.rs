@@ -41,6 +41,29 @@ enum Command {
     Inspect(InspectArgs),
     /// Tokenize text with a model's tokenizer and print the ids as JSON.
     Tokenize(TokenizeArgs),
+    /// Measure prefill and decode speed (tokens/s), like llama-bench.
+    Bench(BenchArgs),
+}
+
+#[derive(Args)]
+struct BenchArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Prompt length for the prefill test (0 skips it).
+    #[arg(long, default_value_t = 128)]
+    prompt_tokens: usize,
+    /// Tokens to decode one at a time for the decode test (0 skips it).
+    #[arg(long, default_value_t = 64)]
+    gen_tokens: usize,
+    /// Repetitions of each test; the median is reported.
+    #[arg(long, default_value_t = 5)]
+    reps: usize,
+    /// Also measure memory read bandwidth and the decode ceiling it implies.
+    #[arg(long)]
+    bandwidth: bool,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -156,6 +179,7 @@ fn main() -> ExitCode {
         Command::Perplexity(a) => perplexity(a),
         Command::Inspect(a) => inspect(a),
         Command::Tokenize(a) => tokenize(a),
+        Command::Bench(a) => bench(a),
     };
     match res {
         Ok(()) => ExitCode::SUCCESS,
@@ -414,4 +438,127 @@ fn tokenize(a: TokenizeArgs) -> Result<()> {
     let ids = tok.encode(&text, !a.no_special, a.parse_special)?;
     println!("{}", serde_json::to_string(&ids)?);
     Ok(())
+}
+
+/// Median, min and max of a set of rates.
+fn stats(mut v: Vec<f64>) -> serde_json::Value {
+    v.sort_by(f64::total_cmp);
+    let median = if v.is_empty() { 0.0 } else { v[v.len() / 2] };
+    serde_json::json!({
+        "median": median,
+        "min": v.first().copied().unwrap_or(0.0),
+        "max": v.last().copied().unwrap_or(0.0),
+        "runs": v,
+    })
+}
+
+fn bench(a: BenchArgs) -> Result<()> {
+    let (model, tok) = load(&a.model)?;
+    if a.reps == 0 {
+        bail!("--reps must be at least 1");
+    }
+    let ctx = (a.prompt_tokens.max(a.gen_tokens) + 1).min(model.config.ctx_train);
+    // Real text, repeated to length: ids that occur in practice.
+    let sample = tok.encode("The quick brown fox jumps over the lazy dog. Households own many devices, and together they can run a model none of them could run alone. ", false, false)?;
+    let prompt: Vec<u32> = sample
+        .iter()
+        .copied()
+        .cycle()
+        .take(a.prompt_tokens)
+        .collect();
+    // Warm-up: touch every weight once.
+    if sample.is_empty() {
+        bail!("the model's tokenizer produced no tokens for the benchmark text");
+    }
+    engine::Session::new(&model, 8).eval_last(&sample[..1])?;
+    let mut pp = Vec::new();
+    let mut tg = Vec::new();
+    for _ in 0..a.reps {
+        if a.prompt_tokens > 0 {
+            let mut s = engine::Session::new(&model, ctx);
+            let t = Instant::now();
+            s.eval_last(&prompt)?;
+            pp.push(a.prompt_tokens as f64 / t.elapsed().as_secs_f64());
+        }
+        if a.gen_tokens > 0 {
+            let mut s = engine::Session::new(&model, ctx);
+            let mut next = sample[0];
+            let t = Instant::now();
+            for _ in 0..a.gen_tokens {
+                let logits = s.eval_last(&[next])?;
+                next = prima_kernels::sample::argmax(&logits);
+            }
+            tg.push(a.gen_tokens as f64 / t.elapsed().as_secs_f64());
+        }
+    }
+    let weight_bytes: u64 = model.file.tensors.iter().map(|t| t.size).sum();
+    let mut v = serde_json::json!({
+        "model": a.model.model.display().to_string(),
+        "threads": prima_kernels::cpu::threads(),
+        "kernels": prima_kernels::cpu::describe(),
+        "prompt_tokens": a.prompt_tokens,
+        "gen_tokens": a.gen_tokens,
+        "prefill_tok_s": stats(pp),
+        "decode_tok_s": stats(tg),
+        "bytes_per_token": weight_bytes,
+    });
+    if a.bandwidth {
+        let bw = read_bandwidth();
+        v["read_bandwidth_gb_s"] = serde_json::json!(bw / 1e9);
+        v["decode_ceiling_tok_s"] = serde_json::json!(bw / weight_bytes as f64);
+    }
+    if a.json {
+        println!("{v}");
+    } else {
+        let f = |k: &str| {
+            format!(
+                "{:.1} ({:.1}-{:.1})",
+                v[k]["median"].as_f64().unwrap_or(0.0),
+                v[k]["min"].as_f64().unwrap_or(0.0),
+                v[k]["max"].as_f64().unwrap_or(0.0)
+            )
+        };
+        println!("model     {}", a.model.model.display());
+        println!(
+            "threads   {} ({})",
+            v["threads"],
+            prima_kernels::cpu::describe()
+        );
+        println!("pp{:<6} {} tok/s", a.prompt_tokens, f("prefill_tok_s"));
+        println!("tg{:<6} {} tok/s", a.gen_tokens, f("decode_tok_s"));
+        if a.bandwidth {
+            println!(
+                "memory    {:.1} GB/s read; {:.1} MB per token; ceiling {:.0} tok/s",
+                v["read_bandwidth_gb_s"].as_f64().unwrap_or(0.0),
+                weight_bytes as f64 / 1e6,
+                v["decode_ceiling_tok_s"].as_f64().unwrap_or(0.0)
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Read bandwidth in bytes/s: the pool's threads sum a buffer much larger
+/// than the caches, best of a few passes.
+fn read_bandwidth() -> f64 {
+    let len = 256 << 20;
+    let buf: Vec<u64> = (0..len / 8).map(|i| i as u64).collect();
+    let pool = prima_kernels::cpu::pool();
+    let chunks = pool.threads() * 4;
+    let per = buf.len() / chunks;
+    let mut best = 0f64;
+    for _ in 0..5 {
+        let sink = std::sync::atomic::AtomicU64::new(0);
+        let t = Instant::now();
+        pool.run(chunks, &|c| {
+            let s: u64 = buf[c * per..(c + 1) * per]
+                .iter()
+                .fold(0u64, |a, &b| a.wrapping_add(b));
+            sink.fetch_add(s, std::sync::atomic::Ordering::Relaxed);
+        });
+        let rate = (per * chunks * 8) as f64 / t.elapsed().as_secs_f64();
+        std::hint::black_box(sink.load(std::sync::atomic::Ordering::Relaxed));
+        best = best.max(rate);
+    }
+    best
 }

@@ -3,9 +3,8 @@
 
 use std::sync::Arc;
 
-use rayon::prelude::*;
-
 use crate::{
+    cpu::pool::for_each_chunk_mut,
     gguf::{Gguf, GgufError, TensorInfo},
     quant::{self, ActRows, GgmlType},
 };
@@ -120,9 +119,10 @@ impl Weight {
         assert_eq!(out.len(), n * self.rows, "{}: output size", self.name);
         // Split the output features into chunks big enough to amortise the
         // task overhead; each task reads its weight rows once for all tokens.
-        let chunk = (self.rows / (rayon::current_num_threads() * 8)).clamp(16, 1024);
+        let pool = crate::cpu::pool();
+        let chunk = (self.rows / (pool.threads() * 8)).clamp(16, 1024);
         if n == 1 {
-            out.par_chunks_mut(chunk).enumerate().for_each(|(c, o)| {
+            for_each_chunk_mut(pool, out, chunk, |c, o| {
                 for (i, v) in o.iter_mut().enumerate() {
                     *v = crate::cpu::vec_dot(self.ty, self.row(c * chunk + i), acts, 0);
                 }
@@ -132,16 +132,14 @@ impl Weight {
         // Compute transposed ([row][token]) so that tasks own contiguous
         // output, then transpose back.
         let mut tmp = vec![0f32; n * self.rows];
-        tmp.par_chunks_mut(chunk * n)
-            .enumerate()
-            .for_each(|(c, o)| {
-                for (i, orow) in o.chunks_exact_mut(n).enumerate() {
-                    let w = self.row(c * chunk + i);
-                    for (t, v) in orow.iter_mut().enumerate() {
-                        *v = crate::cpu::vec_dot(self.ty, w, acts, t);
-                    }
+        for_each_chunk_mut(pool, &mut tmp, chunk * n, |c, o| {
+            for (i, orow) in o.chunks_exact_mut(n).enumerate() {
+                let w = self.row(c * chunk + i);
+                for (t, v) in orow.iter_mut().enumerate() {
+                    *v = crate::cpu::vec_dot(self.ty, w, acts, t);
                 }
-            });
+            }
+        });
         for t in 0..n {
             for r in 0..self.rows {
                 out[t * self.rows + r] = tmp[r * n + t];

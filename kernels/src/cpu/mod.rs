@@ -16,7 +16,9 @@ use crate::quant::{self, ActRows, GgmlType, QuantActs};
 #[cfg(target_arch = "x86_64")]
 mod x86_64;
 
-static POOL: OnceLock<rayon::ThreadPool> = OnceLock::new();
+pub mod pool;
+
+static POOL: OnceLock<pool::Pool> = OnceLock::new();
 static THREADS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
 /// Error from [`set_threads`].
@@ -35,37 +37,28 @@ pub fn set_threads(n: usize) -> Result<(), PoolError> {
         return Err(PoolError::Zero);
     }
     if let Some(p) = POOL.get() {
-        if p.current_num_threads() != n {
-            return Err(PoolError::AlreadyStarted(p.current_num_threads()));
+        if p.threads() != n {
+            return Err(PoolError::AlreadyStarted(p.threads()));
         }
     }
     THREADS.store(n, Ordering::Relaxed);
     Ok(())
 }
 
-fn pool() -> &'static rayon::ThreadPool {
+/// The process-wide worker pool of the forward pass.
+pub fn pool() -> &'static pool::Pool {
     POOL.get_or_init(|| {
         let n = match THREADS.load(Ordering::Relaxed) {
             0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
             n => n,
         };
-        rayon::ThreadPoolBuilder::new()
-            .num_threads(n)
-            .thread_name(|i| format!("prima-cpu-{i}"))
-            .build()
-            .expect("spawning the CPU worker threads")
+        pool::Pool::new(n)
     })
 }
 
 /// Threads of the worker pool.
 pub fn threads() -> usize {
-    pool().current_num_threads()
-}
-
-/// Runs `f` on the worker pool: the parallel loops inside it then share work
-/// among the pool's threads without a cross-thread hand-off per loop.
-pub fn install<R: Send>(f: impl FnOnce() -> R + Send) -> R {
-    pool().install(f)
+    pool().threads()
 }
 
 /// 0 = follow detection and the environment, 1 = forced on, 2 = forced off.

@@ -100,6 +100,16 @@ impl Config {
                 });
             }
         }
+        if head_dim > super::MAX_HEAD_DIM {
+            return Err(GgufError::OutOfRange {
+                key: k("attention.key_length"),
+                value: head_dim.to_string(),
+                detail: format!(
+                    "heads larger than {} are not supported",
+                    super::MAX_HEAD_DIM
+                ),
+            });
+        }
         if n_head % n_head_kv != 0 {
             return Err(GgufError::OutOfRange {
                 key: k("attention.head_count_kv"),

@@ -11,8 +11,7 @@ pub mod ops;
 
 use std::{ops::Range, path::Path, sync::Arc};
 
-use half::f16;
-use rayon::prelude::*;
+use half::{f16, slice::HalfFloatSliceExt};
 
 pub use config::{Arch, Config, RopeKind};
 
@@ -21,6 +20,9 @@ use crate::{
     quant::{ActRows, GgmlType},
     tensor::{Weight, WeightError},
 };
+
+/// Largest attention head the forward pass supports (buffers on the stack).
+pub const MAX_HEAD_DIM: usize = 512;
 
 /// Errors loading or running a model.
 #[derive(Debug, thiserror::Error)]
@@ -308,7 +310,7 @@ impl Model {
         let group = c.n_head / c.n_head_kv;
         let mut attn = vec![0f32; n * qd];
         let cache = &*cache;
-        attn.par_chunks_mut(hd).enumerate().for_each(|(th, out)| {
+        crate::cpu::pool::for_each_chunk_mut(crate::cpu::pool(), &mut attn, hd, |th, out| {
             let (t, head) = (th / c.n_head, th % c.n_head);
             let p = pos + t;
             let kvh = head / group;
@@ -317,19 +319,19 @@ impl Model {
                 None => 0,
             };
             // As ggml: the query is rounded to f16 to meet the f16 keys, and
-            // the probabilities to f16 to meet the f16 values.
-            let qh: Vec<f16> = q[t * qd + head * hd..][..hd]
-                .iter()
-                .map(|&x| f16::from_f32(x))
-                .collect();
+            // the probabilities to f16 to meet the f16 values. Rows are
+            // widened to f32 a slice at a time (F16C where available).
+            let mut qh = [0f32; MAX_HEAD_DIM];
+            let qh = &mut qh[..hd];
+            for (d, &x) in qh.iter_mut().zip(&q[t * qd + head * hd..][..hd]) {
+                *d = f16::from_f32(x).to_f32();
+            }
+            let mut row = [0f32; MAX_HEAD_DIM];
+            let row = &mut row[..hd];
             let mut scores: Vec<f32> = (first..=p)
                 .map(|j| {
-                    let kr = &cache.k[j * kvd + kvh * hd..][..hd];
-                    let s: f32 = kr
-                        .iter()
-                        .zip(&qh)
-                        .map(|(a, b)| a.to_f32() * b.to_f32())
-                        .sum();
+                    cache.k[j * kvd + kvh * hd..][..hd].convert_to_f32_slice(row);
+                    let s: f32 = row.iter().zip(qh.iter()).map(|(a, b)| a * b).sum();
                     s * scale
                 })
                 .collect();
@@ -337,9 +339,9 @@ impl Model {
             out.fill(0.0);
             for (j, &pj) in (first..=p).zip(&scores) {
                 let pj = f16::from_f32(pj).to_f32();
-                let vr = &cache.v[j * kvd + kvh * hd..][..hd];
-                for (o, vv) in out.iter_mut().zip(vr) {
-                    *o += pj * vv.to_f32();
+                cache.v[j * kvd + kvh * hd..][..hd].convert_to_f32_slice(row);
+                for (o, vv) in out.iter_mut().zip(row.iter()) {
+                    *o += pj * vv;
                 }
             }
         });

@@ -238,9 +238,17 @@ pub fn dequantize_q6_k(x: &[BlockQ6K], y: &mut [f32]) {
 // ------------------------------------------------- quantise activation rows
 
 /// Round half to even, as the x86 kernels (and ggml's `nearest_int`) do.
+/// Adding 1.5 * 2^23 pushes the fraction out of the mantissa under the
+/// default rounding mode; exact for |v| < 2^22, and callers pass |v| <= 127.
+#[inline]
+fn round_half_even(v: f32) -> f32 {
+    const MAGIC: f32 = 12_582_912.0;
+    (v + MAGIC) - MAGIC
+}
+
 #[inline]
 fn round_i8(v: f32) -> i8 {
-    v.round_ties_even() as i8
+    round_half_even(v) as i8
 }
 
 pub fn quantize_row_q8_0(x: &[f32], y: &mut [BlockQ8_0]) {
@@ -287,7 +295,7 @@ pub fn quantize_row_q8_k(x: &[f32], y: &mut [BlockQ8K]) {
         }
         let iscale = -127.0 / max;
         for (q, &v) in b.qs.iter_mut().zip(x) {
-            *q = (iscale * v).round_ties_even().min(127.0) as i8;
+            *q = round_half_even(iscale * v).min(127.0) as i8;
         }
         for (s, qs) in b.bsums.iter_mut().zip(b.qs.chunks_exact(16)) {
             *s = qs.iter().map(|&q| q as i16).sum();
