@@ -135,8 +135,8 @@ impl Weight {
         for_each_chunk_mut(pool, &mut tmp, chunk * n, |c, o| {
             for (i, orow) in o.chunks_exact_mut(n).enumerate() {
                 let w = self.row(c * chunk + i);
-                for (t, v) in orow.iter_mut().enumerate() {
-                    *v = crate::cpu::vec_dot(self.ty, w, acts, t);
+                for (g, group) in orow.chunks_mut(4).enumerate() {
+                    crate::cpu::vec_dot_rows(self.ty, w, acts, 4 * g, group);
                 }
             }
         });

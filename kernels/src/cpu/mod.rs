@@ -155,5 +155,22 @@ pub fn vec_dot(ty: GgmlType, w: &[u8], acts: &ActRows, row: usize) -> f32 {
     quant::vec_dot(ty, w, acts, row)
 }
 
+/// Dot products of one weight row with activation rows `t0..t0 + out.len()`
+/// (up to four), written to `out`. Uses a kernel that unpacks each weight
+/// block once for all rows where there is one.
+#[inline]
+pub fn vec_dot_rows(ty: GgmlType, w: &[u8], acts: &ActRows, t0: usize, out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if out.len() == 4 && simd_enabled() {
+        if let Some(r) = x86_64::dot_rows4(ty, w, acts, t0) {
+            out.copy_from_slice(&r);
+            return;
+        }
+    }
+    for (k, o) in out.iter_mut().enumerate() {
+        *o = vec_dot(ty, w, acts, t0 + k);
+    }
+}
+
 #[cfg(test)]
 mod tests;

@@ -39,3 +39,43 @@ fn simd_kernels_match_the_scalar_reference() {
         }
     }
 }
+
+#[test]
+fn four_row_kernels_match_the_scalar_reference() {
+    if !avx2_available() {
+        eprintln!("skipped: this CPU has no AVX2+FMA, so there is no SIMD kernel to check");
+        return;
+    }
+    let mut rng = Rng(0x0bad_cafe_dead_beef);
+    for ty in [
+        GgmlType::Q8_0,
+        GgmlType::Q5_0,
+        GgmlType::Q4_1,
+        GgmlType::Q4_K,
+        GgmlType::Q6_K,
+        GgmlType::Q4_0,
+    ] {
+        let n = 512;
+        let words = random_weight(ty, n, &mut rng);
+        let w = &bytemuck::cast_slice::<u32, u8>(&words)[..ty.row_bytes(n)];
+        let x: Vec<f32> = (0..6 * n).map(|_| rng.f32() * 4.0).collect();
+        let acts = ActRows::quantize(ty.vec_dot_type(), &x, 6, n);
+        set_simd(true);
+        for t0 in [0, 2] {
+            let mut got = [0f32; 4];
+            vec_dot_rows(ty, w, &acts, t0, &mut got);
+            for (k, g) in got.iter().enumerate() {
+                let want = quant::vec_dot(ty, w, &acts, t0 + k);
+                assert!(
+                    (g - want).abs() <= 2e-5 * want.abs().max(1.0),
+                    "{ty} row {}: {g} vs {want}",
+                    t0 + k
+                );
+            }
+        }
+        // Fewer than four rows take the one-row path.
+        let mut two = [0f32; 2];
+        vec_dot_rows(ty, w, &acts, 4, &mut two);
+        assert!((two[1] - quant::vec_dot(ty, w, &acts, 5)).abs() <= 2e-5 * two[1].abs().max(1.0));
+    }
+}

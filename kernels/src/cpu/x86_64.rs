@@ -249,3 +249,217 @@ safe!(dot_q4_1_q8_1, q4_1_q8_1, BlockQ4_1, BlockQ8_1);
 safe!(dot_q5_0_q8_0, q5_0_q8_0, BlockQ5_0, BlockQ8_0);
 safe!(dot_q4_k_q8_k, q4_k_q8_k, BlockQ4K, BlockQ8K);
 safe!(dot_q6_k_q8_k, q6_k_q8_k, BlockQ6K, BlockQ8K);
+
+// ---------------------------------------------------------------------------
+// Several activation rows against one weight row: each weight block is
+// unpacked once and used for all rows (prefill, where tokens come in batches).
+
+#[target_feature(enable = "avx2,fma,f16c")]
+fn q8_0_rows<const R: usize>(w: &[BlockQ8_0], a: [&[BlockQ8_0]; R]) -> [f32; R] {
+    let mut acc = [_mm256_setzero_ps(); R];
+    for (i, x) in w.iter().enumerate() {
+        // SAFETY: the block holds 32 bytes of quants.
+        let qx = unsafe { load(&x.qs) };
+        let ax = _mm256_sign_epi8(qx, qx);
+        let dx = h(x.d);
+        for r in 0..R {
+            let y = &a[r][i];
+            // SAFETY: as above.
+            let qy = unsafe { load(&y.qs) };
+            let p = dot_u8_i8(ax, _mm256_sign_epi8(qy, qx));
+            acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(dx * h(y.d)), _mm256_cvtepi32_ps(p), acc[r]);
+        }
+    }
+    let mut out = [0f32; R];
+    for r in 0..R {
+        out[r] = hsum_ps(acc[r]);
+    }
+    out
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+fn q5_0_rows<const R: usize>(w: &[BlockQ5_0], a: [&[BlockQ8_0]; R]) -> [f32; R] {
+    let mut acc = [_mm256_setzero_ps(); R];
+    for (i, x) in w.iter().enumerate() {
+        // SAFETY: qs is 16 bytes.
+        let qx = _mm256_or_si256(unsafe { nibbles(x.qs.as_ptr()) }, q5_high(x.qh));
+        let ax = _mm256_sign_epi8(qx, qx);
+        let dx = h(x.d);
+        for r in 0..R {
+            let y = &a[r][i];
+            // SAFETY: y.qs is 32 bytes.
+            let qy = unsafe { load(&y.qs) };
+            let p = dot_u8_i8(ax, _mm256_sign_epi8(qy, qx));
+            acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(dx * h(y.d)), _mm256_cvtepi32_ps(p), acc[r]);
+        }
+    }
+    let mut out = [0f32; R];
+    for r in 0..R {
+        out[r] = hsum_ps(acc[r]);
+    }
+    out
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+fn q4_1_rows<const R: usize>(w: &[BlockQ4_1], a: [&[BlockQ8_1]; R]) -> [f32; R] {
+    let mut acc = [_mm256_setzero_ps(); R];
+    let mut summs = [0f32; R];
+    for (i, x) in w.iter().enumerate() {
+        // SAFETY: qs is 16 bytes.
+        let qx = unsafe { nibbles(x.qs.as_ptr()) };
+        let (dx, mx) = (h(x.d), h(x.m));
+        for r in 0..R {
+            let y = &a[r][i];
+            summs[r] += mx * h(y.s);
+            // SAFETY: y.qs is 32 bytes.
+            let p = dot_u8_i8(qx, unsafe { load(&y.qs) });
+            acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(dx * h(y.d)), _mm256_cvtepi32_ps(p), acc[r]);
+        }
+    }
+    let mut out = [0f32; R];
+    for r in 0..R {
+        out[r] = hsum_ps(acc[r]) + summs[r];
+    }
+    out
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+fn q4_k_rows<const R: usize>(w: &[BlockQ4K], a: [&[BlockQ8K]; R]) -> [f32; R] {
+    let mut sumf = [0f32; R];
+    for (i, x) in w.iter().enumerate() {
+        let mut sc = [0i16; 8];
+        let mut mins = [0i32; 8];
+        for j in 0..8 {
+            let (s, m) = crate::quant::generic::scale_min_k4(j, &x.scales);
+            sc[j] = s as i16;
+            mins[j] = m as i32;
+        }
+        let mut acc = [_mm256_setzero_si256(); R];
+        for c in 0..4 {
+            // SAFETY: 32 bytes of qs per 64 weights.
+            let raw = unsafe { _mm256_loadu_si256(x.qs.as_ptr().add(32 * c) as *const __m256i) };
+            let lo = _mm256_and_si256(raw, _mm256_set1_epi8(0x0f));
+            let hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), _mm256_set1_epi8(0x0f));
+            let (s0, s1) = (
+                _mm256_set1_epi16(sc[2 * c]),
+                _mm256_set1_epi16(sc[2 * c + 1]),
+            );
+            for r in 0..R {
+                let y = &a[r][i];
+                // SAFETY: 64 bytes of q8 per chunk.
+                let (y0, y1) = unsafe {
+                    (
+                        _mm256_loadu_si256(y.qs.as_ptr().add(64 * c) as *const __m256i),
+                        _mm256_loadu_si256(y.qs.as_ptr().add(64 * c + 32) as *const __m256i),
+                    )
+                };
+                let p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(lo, y0), s0);
+                let p1 = _mm256_madd_epi16(_mm256_maddubs_epi16(hi, y1), s1);
+                acc[r] = _mm256_add_epi32(acc[r], _mm256_add_epi32(p0, p1));
+            }
+        }
+        let (d, dmin) = (h(x.d), h(x.dmin));
+        for r in 0..R {
+            let y = &a[r][i];
+            let summ: i32 = mins
+                .iter()
+                .zip(y.bsums.chunks_exact(2))
+                .map(|(m, b)| m * (b[0] as i32 + b[1] as i32))
+                .sum();
+            sumf[r] += d * y.d * hsum_epi32(acc[r]) as f32 - dmin * y.d * summ as f32;
+        }
+    }
+    sumf
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+fn q6_k_rows<const R: usize>(w: &[BlockQ6K], a: [&[BlockQ8K]; R]) -> [f32; R] {
+    let mut sumf = [0f32; R];
+    let m4 = _mm256_set1_epi8(0x0f);
+    let m3 = _mm256_set1_epi8(0x03);
+    for (i, x) in w.iter().enumerate() {
+        let mut acc = [_mm256_setzero_si256(); R];
+        for n in 0..2 {
+            // SAFETY: ql has 64 bytes and qh 32 per half.
+            let (ql0, ql1, qh) = unsafe {
+                (
+                    _mm256_loadu_si256(x.ql.as_ptr().add(64 * n) as *const __m256i),
+                    _mm256_loadu_si256(x.ql.as_ptr().add(64 * n + 32) as *const __m256i),
+                    _mm256_loadu_si256(x.qh.as_ptr().add(32 * n) as *const __m256i),
+                )
+            };
+            let quarters = [
+                _mm256_or_si256(
+                    _mm256_and_si256(ql0, m4),
+                    _mm256_slli_epi16(_mm256_and_si256(qh, m3), 4),
+                ),
+                _mm256_or_si256(
+                    _mm256_and_si256(ql1, m4),
+                    _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 2), m3), 4),
+                ),
+                _mm256_or_si256(
+                    _mm256_and_si256(_mm256_srli_epi16(ql0, 4), m4),
+                    _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 4), m3), 4),
+                ),
+                _mm256_or_si256(
+                    _mm256_and_si256(_mm256_srli_epi16(ql1, 4), m4),
+                    _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 6), m3), 4),
+                ),
+            ];
+            for (k, q) in quarters.into_iter().enumerate() {
+                let s0 = x.scales[8 * n + 2 * k] as i16;
+                let s1 = x.scales[8 * n + 2 * k + 1] as i16;
+                let scale = _mm256_set_m128i(_mm_set1_epi16(s1), _mm_set1_epi16(s0));
+                for r in 0..R {
+                    // SAFETY: 128 bytes of q8 per half.
+                    let y8 = unsafe {
+                        _mm256_loadu_si256(
+                            a[r][i].qs.as_ptr().add(128 * n + 32 * k) as *const __m256i
+                        )
+                    };
+                    let p = _mm256_madd_epi16(_mm256_maddubs_epi16(q, y8), scale);
+                    acc[r] = _mm256_add_epi32(acc[r], p);
+                }
+            }
+        }
+        let d = h(x.d);
+        for r in 0..R {
+            let y = &a[r][i];
+            let mut bias = 0i32;
+            for (s, &b) in x.scales.iter().zip(&y.bsums) {
+                bias += *s as i32 * b as i32;
+            }
+            sumf[r] += d * y.d * (hsum_epi32(acc[r]) - 32 * bias) as f32;
+        }
+    }
+    sumf
+}
+
+/// Four activation rows at once; `None` when there is no multi-row kernel
+/// for this pair of formats.
+pub(crate) fn dot_rows4(
+    ty: crate::quant::GgmlType,
+    w: &[u8],
+    acts: &crate::quant::ActRows,
+    t0: usize,
+) -> Option<[f32; 4]> {
+    use crate::quant::{GgmlType as G, QuantActs as Q};
+    use bytemuck::cast_slice as c;
+    debug_assert!(super::avx2_available());
+    let n = acts.cols;
+    fn rows<T>(a: &[T], t0: usize, per: usize) -> [&[T]; 4] {
+        std::array::from_fn(|r| &a[(t0 + r) * per..(t0 + r + 1) * per])
+    }
+    // SAFETY (all arms): the dispatcher checked AVX2, FMA and F16C at run
+    // time; the slices carry their own bounds.
+    unsafe {
+        Some(match (ty, &acts.data) {
+            (G::Q8_0, Q::Q8_0(a)) => q8_0_rows(c(w), rows(a, t0, n / 32)),
+            (G::Q5_0, Q::Q8_0(a)) => q5_0_rows(c(w), rows(a, t0, n / 32)),
+            (G::Q4_1, Q::Q8_1(a)) => q4_1_rows(c(w), rows(a, t0, n / 32)),
+            (G::Q4_K, Q::Q8_K(a)) => q4_k_rows(c(w), rows(a, t0, n / 256)),
+            (G::Q6_K, Q::Q8_K(a)) => q6_k_rows(c(w), rows(a, t0, n / 256)),
+            _ => return None,
+        })
+    }
+}

@@ -331,7 +331,7 @@ impl Model {
             let mut scores: Vec<f32> = (first..=p)
                 .map(|j| {
                     cache.k[j * kvd + kvh * hd..][..hd].convert_to_f32_slice(row);
-                    let s: f32 = row.iter().zip(qh.iter()).map(|(a, b)| a * b).sum();
+                    let s = ops::dot(row, qh);
                     s * scale
                 })
                 .collect();
