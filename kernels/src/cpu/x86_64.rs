@@ -68,45 +68,64 @@ unsafe fn load(p: &[i8; 32]) -> __m256i {
     unsafe { _mm256_loadu_si256(p.as_ptr() as *const __m256i) }
 }
 
+/// `d(x) * d(y)` broadcast to all lanes, from one conversion of both f16s.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn scale(x: half::f16, y: half::f16) -> __m256 {
+    let p = pair(x, y);
+    _mm256_broadcastss_ps(_mm_mul_ss(p, _mm_movehdup_ps(p)))
+}
+
 #[target_feature(enable = "avx2,fma,f16c")]
 fn q8_0_q8_0(w: &[BlockQ8_0], a: &[BlockQ8_0]) -> f32 {
-    let mut acc = _mm256_setzero_ps();
-    for (x, y) in w.iter().zip(a) {
-        let d = _mm256_set1_ps(h(x.d) * h(y.d));
+    let mut acc = [_mm256_setzero_ps(); 2];
+    for (i, (x, y)) in w.iter().zip(a).enumerate() {
         // SAFETY: both blocks hold 32 bytes of quants.
         let p = dot_i8_i8(unsafe { load(&x.qs) }, unsafe { load(&y.qs) });
-        acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(p), acc);
+        acc[i & 1] = _mm256_fmadd_ps(scale(x.d, y.d), _mm256_cvtepi32_ps(p), acc[i & 1]);
     }
-    hsum_ps(acc)
+    hsum_ps(_mm256_add_ps(acc[0], acc[1]))
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
 fn q4_0_q8_0(w: &[BlockQ4_0], a: &[BlockQ8_0]) -> f32 {
-    let mut acc = _mm256_setzero_ps();
-    for (x, y) in w.iter().zip(a) {
-        let d = _mm256_set1_ps(h(x.d) * h(y.d));
+    let mut acc = [_mm256_setzero_ps(); 2];
+    for (i, (x, y)) in w.iter().zip(a).enumerate() {
         // SAFETY: qs is 16 bytes; y.qs 32.
         let p = unsafe {
             let q = _mm256_sub_epi8(nibbles(x.qs.as_ptr()), _mm256_set1_epi8(8));
             dot_i8_i8(q, load(&y.qs))
         };
-        acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(p), acc);
+        acc[i & 1] = _mm256_fmadd_ps(scale(x.d, y.d), _mm256_cvtepi32_ps(p), acc[i & 1]);
     }
-    hsum_ps(acc)
+    hsum_ps(_mm256_add_ps(acc[0], acc[1]))
+}
+
+/// Both f16 halves of a (scale, min/sum) pair, converted together.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn pair(a: half::f16, b: half::f16) -> __m128 {
+    let bits = a.to_bits() as u32 | (b.to_bits() as u32) << 16;
+    _mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32))
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
 fn q4_1_q8_1(w: &[BlockQ4_1], a: &[BlockQ8_1]) -> f32 {
-    let mut acc = _mm256_setzero_ps();
-    let mut summs = 0f32;
-    for (x, y) in w.iter().zip(a) {
-        summs += h(x.m) * h(y.s);
-        let d = _mm256_set1_ps(h(x.d) * h(y.d));
+    // Two blocks per step into two accumulators, so neighbouring blocks'
+    // fused multiply-adds do not wait on each other; [d*d', m*s'] come from
+    // one conversion and one multiply per block.
+    let mut acc = [_mm256_setzero_ps(); 2];
+    let mut summs = _mm_setzero_ps();
+    for (i, (x, y)) in w.iter().zip(a).enumerate() {
+        let ds = _mm_mul_ps(pair(x.d, x.m), pair(y.d, y.s));
+        summs = _mm_add_ps(summs, ds);
+        let d = _mm256_broadcastss_ps(ds);
         // SAFETY: qs is 16 bytes; y.qs 32.
         let p = unsafe { dot_u8_i8(nibbles(x.qs.as_ptr()), load(&y.qs)) };
-        acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(p), acc);
+        acc[i & 1] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(p), acc[i & 1]);
     }
-    hsum_ps(acc) + summs
+    // Lane 1 of `summs` holds the sum of m * s.
+    hsum_ps(_mm256_add_ps(acc[0], acc[1])) + _mm_cvtss_f32(_mm_shuffle_ps(summs, summs, 0b01))
 }
 
 /// The 32 fifth bits of a Q5 block as bytes 0x00 (bit set) or 0xF0 (clear),
@@ -129,17 +148,16 @@ fn q5_high(qh: [u8; 4]) -> __m256i {
 
 #[target_feature(enable = "avx2,fma,f16c")]
 fn q5_0_q8_0(w: &[BlockQ5_0], a: &[BlockQ8_0]) -> f32 {
-    let mut acc = _mm256_setzero_ps();
-    for (x, y) in w.iter().zip(a) {
-        let d = _mm256_set1_ps(h(x.d) * h(y.d));
+    let mut acc = [_mm256_setzero_ps(); 2];
+    for (i, (x, y)) in w.iter().zip(a).enumerate() {
         // SAFETY: qs is 16 bytes; y.qs 32.
         let p = unsafe {
             let q = _mm256_or_si256(nibbles(x.qs.as_ptr()), q5_high(x.qh));
             dot_i8_i8(q, load(&y.qs))
         };
-        acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(p), acc);
+        acc[i & 1] = _mm256_fmadd_ps(scale(x.d, y.d), _mm256_cvtepi32_ps(p), acc[i & 1]);
     }
-    hsum_ps(acc)
+    hsum_ps(_mm256_add_ps(acc[0], acc[1]))
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
@@ -261,13 +279,12 @@ fn q8_0_rows<const R: usize>(w: &[BlockQ8_0], a: [&[BlockQ8_0]; R]) -> [f32; R] 
         // SAFETY: the block holds 32 bytes of quants.
         let qx = unsafe { load(&x.qs) };
         let ax = _mm256_sign_epi8(qx, qx);
-        let dx = h(x.d);
         for r in 0..R {
             let y = &a[r][i];
             // SAFETY: as above.
             let qy = unsafe { load(&y.qs) };
             let p = dot_u8_i8(ax, _mm256_sign_epi8(qy, qx));
-            acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(dx * h(y.d)), _mm256_cvtepi32_ps(p), acc[r]);
+            acc[r] = _mm256_fmadd_ps(scale(x.d, y.d), _mm256_cvtepi32_ps(p), acc[r]);
         }
     }
     let mut out = [0f32; R];
@@ -284,13 +301,12 @@ fn q5_0_rows<const R: usize>(w: &[BlockQ5_0], a: [&[BlockQ8_0]; R]) -> [f32; R] 
         // SAFETY: qs is 16 bytes.
         let qx = _mm256_or_si256(unsafe { nibbles(x.qs.as_ptr()) }, q5_high(x.qh));
         let ax = _mm256_sign_epi8(qx, qx);
-        let dx = h(x.d);
         for r in 0..R {
             let y = &a[r][i];
             // SAFETY: y.qs is 32 bytes.
             let qy = unsafe { load(&y.qs) };
             let p = dot_u8_i8(ax, _mm256_sign_epi8(qy, qx));
-            acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(dx * h(y.d)), _mm256_cvtepi32_ps(p), acc[r]);
+            acc[r] = _mm256_fmadd_ps(scale(x.d, y.d), _mm256_cvtepi32_ps(p), acc[r]);
         }
     }
     let mut out = [0f32; R];
@@ -307,13 +323,12 @@ fn q4_1_rows<const R: usize>(w: &[BlockQ4_1], a: [&[BlockQ8_1]; R]) -> [f32; R] 
     for (i, x) in w.iter().enumerate() {
         // SAFETY: qs is 16 bytes.
         let qx = unsafe { nibbles(x.qs.as_ptr()) };
-        let (dx, mx) = (h(x.d), h(x.m));
         for r in 0..R {
             let y = &a[r][i];
-            summs[r] += mx * h(y.s);
+            summs[r] += h(x.m) * h(y.s);
             // SAFETY: y.qs is 32 bytes.
             let p = dot_u8_i8(qx, unsafe { load(&y.qs) });
-            acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(dx * h(y.d)), _mm256_cvtepi32_ps(p), acc[r]);
+            acc[r] = _mm256_fmadd_ps(scale(x.d, y.d), _mm256_cvtepi32_ps(p), acc[r]);
         }
     }
     let mut out = [0f32; R];
