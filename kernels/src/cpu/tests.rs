@@ -65,6 +65,14 @@ fn four_row_kernels_match_the_scalar_reference() {
             let mut got = [0f32; 4];
             vec_dot_rows(ty, w, &acts, t0, &mut got);
             for (k, g) in got.iter().enumerate() {
+                // Bit-identical to the one-row kernel: batching a prompt
+                // must not change the numbers.
+                assert_eq!(
+                    g.to_bits(),
+                    vec_dot(ty, w, &acts, t0 + k).to_bits(),
+                    "{ty} row {}",
+                    t0 + k
+                );
                 let want = quant::vec_dot(ty, w, &acts, t0 + k);
                 assert!(
                     (g - want).abs() <= 2e-5 * want.abs().max(1.0),

@@ -274,7 +274,9 @@ safe!(dot_q6_k_q8_k, q6_k_q8_k, BlockQ6K, BlockQ8K);
 
 #[target_feature(enable = "avx2,fma,f16c")]
 fn q8_0_rows<const R: usize>(w: &[BlockQ8_0], a: [&[BlockQ8_0]; R]) -> [f32; R] {
-    let mut acc = [_mm256_setzero_ps(); R];
+    // Two accumulators per row, alternating by block exactly as the one-row
+    // kernel does, so batched and single-token results are bit-identical.
+    let mut acc = [[_mm256_setzero_ps(); 2]; R];
     for (i, x) in w.iter().enumerate() {
         // SAFETY: the block holds 32 bytes of quants.
         let qx = unsafe { load(&x.qs) };
@@ -284,19 +286,21 @@ fn q8_0_rows<const R: usize>(w: &[BlockQ8_0], a: [&[BlockQ8_0]; R]) -> [f32; R] 
             // SAFETY: as above.
             let qy = unsafe { load(&y.qs) };
             let p = dot_u8_i8(ax, _mm256_sign_epi8(qy, qx));
-            acc[r] = _mm256_fmadd_ps(scale(x.d, y.d), _mm256_cvtepi32_ps(p), acc[r]);
+            acc[r][i & 1] = _mm256_fmadd_ps(scale(x.d, y.d), _mm256_cvtepi32_ps(p), acc[r][i & 1]);
         }
     }
     let mut out = [0f32; R];
     for r in 0..R {
-        out[r] = hsum_ps(acc[r]);
+        out[r] = hsum_ps(_mm256_add_ps(acc[r][0], acc[r][1]));
     }
     out
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
 fn q5_0_rows<const R: usize>(w: &[BlockQ5_0], a: [&[BlockQ8_0]; R]) -> [f32; R] {
-    let mut acc = [_mm256_setzero_ps(); R];
+    // Two accumulators per row, alternating by block exactly as the one-row
+    // kernel does, so batched and single-token results are bit-identical.
+    let mut acc = [[_mm256_setzero_ps(); 2]; R];
     for (i, x) in w.iter().enumerate() {
         // SAFETY: qs is 16 bytes.
         let qx = _mm256_or_si256(unsafe { nibbles(x.qs.as_ptr()) }, q5_high(x.qh));
@@ -306,19 +310,21 @@ fn q5_0_rows<const R: usize>(w: &[BlockQ5_0], a: [&[BlockQ8_0]; R]) -> [f32; R] 
             // SAFETY: y.qs is 32 bytes.
             let qy = unsafe { load(&y.qs) };
             let p = dot_u8_i8(ax, _mm256_sign_epi8(qy, qx));
-            acc[r] = _mm256_fmadd_ps(scale(x.d, y.d), _mm256_cvtepi32_ps(p), acc[r]);
+            acc[r][i & 1] = _mm256_fmadd_ps(scale(x.d, y.d), _mm256_cvtepi32_ps(p), acc[r][i & 1]);
         }
     }
     let mut out = [0f32; R];
     for r in 0..R {
-        out[r] = hsum_ps(acc[r]);
+        out[r] = hsum_ps(_mm256_add_ps(acc[r][0], acc[r][1]));
     }
     out
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
 fn q4_1_rows<const R: usize>(w: &[BlockQ4_1], a: [&[BlockQ8_1]; R]) -> [f32; R] {
-    let mut acc = [_mm256_setzero_ps(); R];
+    // Two accumulators per row, alternating by block exactly as the one-row
+    // kernel does, so batched and single-token results are bit-identical.
+    let mut acc = [[_mm256_setzero_ps(); 2]; R];
     let mut summs = [0f32; R];
     for (i, x) in w.iter().enumerate() {
         // SAFETY: qs is 16 bytes.
@@ -328,12 +334,12 @@ fn q4_1_rows<const R: usize>(w: &[BlockQ4_1], a: [&[BlockQ8_1]; R]) -> [f32; R] 
             summs[r] += h(x.m) * h(y.s);
             // SAFETY: y.qs is 32 bytes.
             let p = dot_u8_i8(qx, unsafe { load(&y.qs) });
-            acc[r] = _mm256_fmadd_ps(scale(x.d, y.d), _mm256_cvtepi32_ps(p), acc[r]);
+            acc[r][i & 1] = _mm256_fmadd_ps(scale(x.d, y.d), _mm256_cvtepi32_ps(p), acc[r][i & 1]);
         }
     }
     let mut out = [0f32; R];
     for r in 0..R {
-        out[r] = hsum_ps(acc[r]) + summs[r];
+        out[r] = hsum_ps(_mm256_add_ps(acc[r][0], acc[r][1])) + summs[r];
     }
     out
 }
