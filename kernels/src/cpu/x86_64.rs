@@ -78,27 +78,27 @@ fn scale(x: half::f16, y: half::f16) -> __m256 {
 
 #[target_feature(enable = "avx2,fma,f16c")]
 fn q8_0_q8_0(w: &[BlockQ8_0], a: &[BlockQ8_0]) -> f32 {
-    let mut acc = [_mm256_setzero_ps(); 2];
-    for (i, (x, y)) in w.iter().zip(a).enumerate() {
+    let mut acc = _mm256_setzero_ps();
+    for (x, y) in w.iter().zip(a) {
         // SAFETY: both blocks hold 32 bytes of quants.
         let p = dot_i8_i8(unsafe { load(&x.qs) }, unsafe { load(&y.qs) });
-        acc[i & 1] = _mm256_fmadd_ps(scale(x.d, y.d), _mm256_cvtepi32_ps(p), acc[i & 1]);
+        acc = _mm256_fmadd_ps(scale(x.d, y.d), _mm256_cvtepi32_ps(p), acc);
     }
-    hsum_ps(_mm256_add_ps(acc[0], acc[1]))
+    hsum_ps(acc)
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
 fn q4_0_q8_0(w: &[BlockQ4_0], a: &[BlockQ8_0]) -> f32 {
-    let mut acc = [_mm256_setzero_ps(); 2];
-    for (i, (x, y)) in w.iter().zip(a).enumerate() {
+    let mut acc = _mm256_setzero_ps();
+    for (x, y) in w.iter().zip(a) {
         // SAFETY: qs is 16 bytes; y.qs 32.
         let p = unsafe {
             let q = _mm256_sub_epi8(nibbles(x.qs.as_ptr()), _mm256_set1_epi8(8));
             dot_i8_i8(q, load(&y.qs))
         };
-        acc[i & 1] = _mm256_fmadd_ps(scale(x.d, y.d), _mm256_cvtepi32_ps(p), acc[i & 1]);
+        acc = _mm256_fmadd_ps(scale(x.d, y.d), _mm256_cvtepi32_ps(p), acc);
     }
-    hsum_ps(_mm256_add_ps(acc[0], acc[1]))
+    hsum_ps(acc)
 }
 
 /// Both f16 halves of a (scale, min/sum) pair, converted together.
@@ -111,21 +111,21 @@ fn pair(a: half::f16, b: half::f16) -> __m128 {
 
 #[target_feature(enable = "avx2,fma,f16c")]
 fn q4_1_q8_1(w: &[BlockQ4_1], a: &[BlockQ8_1]) -> f32 {
-    // Two blocks per step into two accumulators, so neighbouring blocks'
-    // fused multiply-adds do not wait on each other; [d*d', m*s'] come from
-    // one conversion and one multiply per block.
-    let mut acc = [_mm256_setzero_ps(); 2];
+    // [d*d', m*s'] come from one conversion and one multiply per block.
+    // Blocks are summed in order into one accumulator, as ggml does: the
+    // summation order moves greedy choices at near-ties (see the golden tests).
+    let mut acc = _mm256_setzero_ps();
     let mut summs = _mm_setzero_ps();
-    for (i, (x, y)) in w.iter().zip(a).enumerate() {
+    for (x, y) in w.iter().zip(a) {
         let ds = _mm_mul_ps(pair(x.d, x.m), pair(y.d, y.s));
         summs = _mm_add_ps(summs, ds);
         let d = _mm256_broadcastss_ps(ds);
         // SAFETY: qs is 16 bytes; y.qs 32.
         let p = unsafe { dot_u8_i8(nibbles(x.qs.as_ptr()), load(&y.qs)) };
-        acc[i & 1] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(p), acc[i & 1]);
+        acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(p), acc);
     }
     // Lane 1 of `summs` holds the sum of m * s.
-    hsum_ps(_mm256_add_ps(acc[0], acc[1])) + _mm_cvtss_f32(_mm_shuffle_ps(summs, summs, 0b01))
+    hsum_ps(acc) + _mm_cvtss_f32(_mm_shuffle_ps(summs, summs, 0b01))
 }
 
 /// The 32 fifth bits of a Q5 block as bytes 0x00 (bit set) or 0xF0 (clear),
@@ -148,16 +148,16 @@ fn q5_high(qh: [u8; 4]) -> __m256i {
 
 #[target_feature(enable = "avx2,fma,f16c")]
 fn q5_0_q8_0(w: &[BlockQ5_0], a: &[BlockQ8_0]) -> f32 {
-    let mut acc = [_mm256_setzero_ps(); 2];
-    for (i, (x, y)) in w.iter().zip(a).enumerate() {
+    let mut acc = _mm256_setzero_ps();
+    for (x, y) in w.iter().zip(a) {
         // SAFETY: qs is 16 bytes; y.qs 32.
         let p = unsafe {
             let q = _mm256_or_si256(nibbles(x.qs.as_ptr()), q5_high(x.qh));
             dot_i8_i8(q, load(&y.qs))
         };
-        acc[i & 1] = _mm256_fmadd_ps(scale(x.d, y.d), _mm256_cvtepi32_ps(p), acc[i & 1]);
+        acc = _mm256_fmadd_ps(scale(x.d, y.d), _mm256_cvtepi32_ps(p), acc);
     }
-    hsum_ps(_mm256_add_ps(acc[0], acc[1]))
+    hsum_ps(acc)
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
@@ -274,9 +274,10 @@ safe!(dot_q6_k_q8_k, q6_k_q8_k, BlockQ6K, BlockQ8K);
 
 #[target_feature(enable = "avx2,fma,f16c")]
 fn q8_0_rows<const R: usize>(w: &[BlockQ8_0], a: [&[BlockQ8_0]; R]) -> [f32; R] {
-    // Two accumulators per row, alternating by block exactly as the one-row
-    // kernel does, so batched and single-token results are bit-identical.
-    let mut acc = [[_mm256_setzero_ps(); 2]; R];
+    // One accumulator per row, summing blocks in the same order as the
+    // one-row kernel (and ggml), so batched and single-token results are
+    // bit-identical.
+    let mut acc = [_mm256_setzero_ps(); R];
     for (i, x) in w.iter().enumerate() {
         // SAFETY: the block holds 32 bytes of quants.
         let qx = unsafe { load(&x.qs) };
@@ -286,21 +287,22 @@ fn q8_0_rows<const R: usize>(w: &[BlockQ8_0], a: [&[BlockQ8_0]; R]) -> [f32; R] 
             // SAFETY: as above.
             let qy = unsafe { load(&y.qs) };
             let p = dot_u8_i8(ax, _mm256_sign_epi8(qy, qx));
-            acc[r][i & 1] = _mm256_fmadd_ps(scale(x.d, y.d), _mm256_cvtepi32_ps(p), acc[r][i & 1]);
+            acc[r] = _mm256_fmadd_ps(scale(x.d, y.d), _mm256_cvtepi32_ps(p), acc[r]);
         }
     }
     let mut out = [0f32; R];
     for r in 0..R {
-        out[r] = hsum_ps(_mm256_add_ps(acc[r][0], acc[r][1]));
+        out[r] = hsum_ps(acc[r]);
     }
     out
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
 fn q5_0_rows<const R: usize>(w: &[BlockQ5_0], a: [&[BlockQ8_0]; R]) -> [f32; R] {
-    // Two accumulators per row, alternating by block exactly as the one-row
-    // kernel does, so batched and single-token results are bit-identical.
-    let mut acc = [[_mm256_setzero_ps(); 2]; R];
+    // One accumulator per row, summing blocks in the same order as the
+    // one-row kernel (and ggml), so batched and single-token results are
+    // bit-identical.
+    let mut acc = [_mm256_setzero_ps(); R];
     for (i, x) in w.iter().enumerate() {
         // SAFETY: qs is 16 bytes.
         let qx = _mm256_or_si256(unsafe { nibbles(x.qs.as_ptr()) }, q5_high(x.qh));
@@ -310,21 +312,22 @@ fn q5_0_rows<const R: usize>(w: &[BlockQ5_0], a: [&[BlockQ8_0]; R]) -> [f32; R] 
             // SAFETY: y.qs is 32 bytes.
             let qy = unsafe { load(&y.qs) };
             let p = dot_u8_i8(ax, _mm256_sign_epi8(qy, qx));
-            acc[r][i & 1] = _mm256_fmadd_ps(scale(x.d, y.d), _mm256_cvtepi32_ps(p), acc[r][i & 1]);
+            acc[r] = _mm256_fmadd_ps(scale(x.d, y.d), _mm256_cvtepi32_ps(p), acc[r]);
         }
     }
     let mut out = [0f32; R];
     for r in 0..R {
-        out[r] = hsum_ps(_mm256_add_ps(acc[r][0], acc[r][1]));
+        out[r] = hsum_ps(acc[r]);
     }
     out
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
 fn q4_1_rows<const R: usize>(w: &[BlockQ4_1], a: [&[BlockQ8_1]; R]) -> [f32; R] {
-    // Two accumulators per row, alternating by block exactly as the one-row
-    // kernel does, so batched and single-token results are bit-identical.
-    let mut acc = [[_mm256_setzero_ps(); 2]; R];
+    // One accumulator per row, summing blocks in the same order as the
+    // one-row kernel (and ggml), so batched and single-token results are
+    // bit-identical.
+    let mut acc = [_mm256_setzero_ps(); R];
     let mut summs = [0f32; R];
     for (i, x) in w.iter().enumerate() {
         // SAFETY: qs is 16 bytes.
@@ -334,12 +337,12 @@ fn q4_1_rows<const R: usize>(w: &[BlockQ4_1], a: [&[BlockQ8_1]; R]) -> [f32; R] 
             summs[r] += h(x.m) * h(y.s);
             // SAFETY: y.qs is 32 bytes.
             let p = dot_u8_i8(qx, unsafe { load(&y.qs) });
-            acc[r][i & 1] = _mm256_fmadd_ps(scale(x.d, y.d), _mm256_cvtepi32_ps(p), acc[r][i & 1]);
+            acc[r] = _mm256_fmadd_ps(scale(x.d, y.d), _mm256_cvtepi32_ps(p), acc[r]);
         }
     }
     let mut out = [0f32; R];
     for r in 0..R {
-        out[r] = hsum_ps(_mm256_add_ps(acc[r][0], acc[r][1])) + summs[r];
+        out[r] = hsum_ps(acc[r]) + summs[r];
     }
     out
 }
