@@ -3,16 +3,7 @@
 use std::{path::PathBuf, process::Command};
 
 fn models() -> PathBuf {
-    std::env::var_os("PRIMA_MODELS")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            let cache = std::env::var_os("XDG_CACHE_HOME")
-                .map(PathBuf::from)
-                .unwrap_or_else(|| {
-                    PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache")
-                });
-            cache.join("prima/models")
-        })
+    prima_kernels::models_dir().expect("HOME or PRIMA_MODELS is set")
 }
 
 fn smol() -> PathBuf {

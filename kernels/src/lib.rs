@@ -26,3 +26,17 @@ pub use gguf::{Gguf, GgufError};
 pub use model::{Config, Hidden, KvCache, Model, ModelError};
 pub use sample::{Sampler, SamplerConfig};
 pub use tokenizer::{chat::Message, Tokenizer};
+
+/// Where `scripts/fetch-models` caches models: `$PRIMA_MODELS`, else
+/// `$XDG_CACHE_HOME/prima/models`, else `~/.cache/prima/models`.
+pub fn models_dir() -> Option<std::path::PathBuf> {
+    use std::path::PathBuf;
+    if let Some(dir) = std::env::var_os("PRIMA_MODELS") {
+        return Some(PathBuf::from(dir));
+    }
+    let cache = match std::env::var_os("XDG_CACHE_HOME") {
+        Some(c) => PathBuf::from(c),
+        None => PathBuf::from(std::env::var_os("HOME")?).join(".cache"),
+    };
+    Some(cache.join("prima/models"))
+}

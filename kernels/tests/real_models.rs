@@ -28,16 +28,7 @@ const GEMMA: &str = "gemma-3-270m-q4_k_m.gguf";
 const TIE: f32 = 0.5;
 
 fn model_path(name: &str) -> PathBuf {
-    let dir = std::env::var_os("PRIMA_MODELS")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            let cache = std::env::var_os("XDG_CACHE_HOME")
-                .map(PathBuf::from)
-                .unwrap_or_else(|| {
-                    PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache")
-                });
-            cache.join("prima/models")
-        });
+    let dir = prima_kernels::models_dir().expect("HOME or PRIMA_MODELS is set");
     let p = dir.join(name);
     assert!(
         p.exists(),
