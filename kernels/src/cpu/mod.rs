@@ -122,32 +122,26 @@ pub fn vec_dot(ty: GgmlType, w: &[u8], acts: &ActRows, row: usize) -> f32 {
     #[cfg(target_arch = "x86_64")]
     if simd_enabled() {
         use bytemuck::cast_slice as c;
+        use quant::{blocks_of, QK8_0, QK_K};
         let n = acts.cols;
-        let blocks = |bs: usize| (row * (n / bs), n / bs);
         match (ty, &acts.data) {
             (GgmlType::Q8_0, QuantActs::Q8_0(a)) => {
-                let (s, l) = blocks(32);
-                return x86_64::dot_q8_0_q8_0(c(w), &a[s..s + l]);
+                return x86_64::dot_q8_0_q8_0(c(w), blocks_of(a, row, n, QK8_0));
             }
             (GgmlType::Q4_0, QuantActs::Q8_0(a)) => {
-                let (s, l) = blocks(32);
-                return x86_64::dot_q4_0_q8_0(c(w), &a[s..s + l]);
+                return x86_64::dot_q4_0_q8_0(c(w), blocks_of(a, row, n, QK8_0));
             }
             (GgmlType::Q5_0, QuantActs::Q8_0(a)) => {
-                let (s, l) = blocks(32);
-                return x86_64::dot_q5_0_q8_0(c(w), &a[s..s + l]);
+                return x86_64::dot_q5_0_q8_0(c(w), blocks_of(a, row, n, QK8_0));
             }
             (GgmlType::Q4_1, QuantActs::Q8_1(a)) => {
-                let (s, l) = blocks(32);
-                return x86_64::dot_q4_1_q8_1(c(w), &a[s..s + l]);
+                return x86_64::dot_q4_1_q8_1(c(w), blocks_of(a, row, n, QK8_0));
             }
             (GgmlType::Q4_K, QuantActs::Q8_K(a)) => {
-                let (s, l) = blocks(256);
-                return x86_64::dot_q4_k_q8_k(c(w), &a[s..s + l]);
+                return x86_64::dot_q4_k_q8_k(c(w), blocks_of(a, row, n, QK_K));
             }
             (GgmlType::Q6_K, QuantActs::Q8_K(a)) => {
-                let (s, l) = blocks(256);
-                return x86_64::dot_q6_k_q8_k(c(w), &a[s..s + l]);
+                return x86_64::dot_q6_k_q8_k(c(w), blocks_of(a, row, n, QK_K));
             }
             _ => {}
         }

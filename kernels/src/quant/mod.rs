@@ -389,7 +389,8 @@ pub fn vec_dot(ty: GgmlType, w: &[u8], acts: &ActRows, row: usize) -> f32 {
     }
 }
 
-fn blocks_of<T>(a: &[T], row: usize, cols: usize, bs: usize) -> &[T] {
+/// The blocks of activation row `row` (`cols` elements, `bs` per block).
+pub(crate) fn blocks_of<T>(a: &[T], row: usize, cols: usize, bs: usize) -> &[T] {
     let per_row = cols / bs;
     &a[row * per_row..][..per_row]
 }

@@ -83,22 +83,8 @@ fn vec_dot_matches_dequantized_dot_for_every_type() {
 
             let mut wf = vec![0f32; n];
             dequantize_row(ty, w, &mut wf);
-            let mut xf = vec![0f32; n];
+            let xf = dequantize_acts(&acts);
             let act_ty = ty.vec_dot_type().as_ggml();
-            let act_bytes: Vec<u8> = match &acts.data {
-                QuantActs::F32(v) => bytemuck::cast_slice(v).to_vec(),
-                QuantActs::F16(v) => bytemuck::cast_slice(v).to_vec(),
-                QuantActs::BF16(v) => bytemuck::cast_slice(v).to_vec(),
-                QuantActs::Q8_0(v) => bytemuck::cast_slice(v).to_vec(),
-                QuantActs::Q8_1(v) => bytemuck::cast_slice(v).to_vec(),
-                QuantActs::Q8_K(v) => bytemuck::cast_slice(v).to_vec(),
-            };
-            let aw = aligned(&act_bytes);
-            dequantize_row(
-                act_ty,
-                &bytemuck::cast_slice::<u32, u8>(&aw)[..act_bytes.len()],
-                &mut xf,
-            );
             let want: f64 = wf.iter().zip(&xf).map(|(a, b)| *a as f64 * *b as f64).sum();
             let mag: f64 = wf
                 .iter()
@@ -128,21 +114,7 @@ fn activation_quantization_error_is_bounded() {
         ActType::BF16,
     ] {
         let q = ActRows::quantize(ty, &x, 1, x.len());
-        let bytes: Vec<u8> = match &q.data {
-            QuantActs::Q8_0(v) => bytemuck::cast_slice(v).to_vec(),
-            QuantActs::Q8_1(v) => bytemuck::cast_slice(v).to_vec(),
-            QuantActs::Q8_K(v) => bytemuck::cast_slice(v).to_vec(),
-            QuantActs::F16(v) => bytemuck::cast_slice(v).to_vec(),
-            QuantActs::BF16(v) => bytemuck::cast_slice(v).to_vec(),
-            QuantActs::F32(v) => bytemuck::cast_slice(v).to_vec(),
-        };
-        let w = aligned(&bytes);
-        let mut back = vec![0f32; x.len()];
-        dequantize_row(
-            ty.as_ggml(),
-            &bytemuck::cast_slice::<u32, u8>(&w)[..bytes.len()],
-            &mut back,
-        );
+        let back = dequantize_acts(&q);
         let rmse = (x
             .iter()
             .zip(&back)

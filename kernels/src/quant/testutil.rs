@@ -2,7 +2,7 @@
 
 use half::{bf16, f16};
 
-use super::GgmlType;
+use super::{dequantize_row, ActRows, GgmlType, QuantActs};
 
 /// Bytes aligned for any block type (the file's tensors are 32-aligned).
 pub(crate) fn aligned(bytes: &[u8]) -> Vec<u32> {
@@ -64,4 +64,24 @@ pub(crate) fn random_weight(ty: GgmlType, n: usize, rng: &mut Rng) -> Vec<u32> {
         }
     }
     aligned(&bytes)
+}
+
+/// Dequantised values of quantised activation rows.
+pub(crate) fn dequantize_acts(acts: &ActRows) -> Vec<f32> {
+    let bytes: Vec<u8> = match &acts.data {
+        QuantActs::F32(v) => bytemuck::cast_slice(v).to_vec(),
+        QuantActs::F16(v) => bytemuck::cast_slice(v).to_vec(),
+        QuantActs::BF16(v) => bytemuck::cast_slice(v).to_vec(),
+        QuantActs::Q8_0(v) => bytemuck::cast_slice(v).to_vec(),
+        QuantActs::Q8_1(v) => bytemuck::cast_slice(v).to_vec(),
+        QuantActs::Q8_K(v) => bytemuck::cast_slice(v).to_vec(),
+    };
+    let words = aligned(&bytes);
+    let mut out = vec![0f32; acts.rows * acts.cols];
+    dequantize_row(
+        acts.act_type().as_ggml(),
+        &bytemuck::cast_slice::<u32, u8>(&words)[..bytes.len()],
+        &mut out,
+    );
+    out
 }
