@@ -1,5 +1,6 @@
-//! `primad`: the prima daemon. For now it carries the engine tools, which
-//! mirror llama.cpp's: `generate`, `perplexity` and `inspect`.
+//! `primad`: the prima daemon. With no subcommand (or `serve`) it runs the
+//! service; the engine tools (`generate`, `perplexity`, `inspect`, `tokenize`,
+//! `bench`) run a model on this machine alone and mirror llama.cpp's.
 
 use std::{
     io::Write,
@@ -23,16 +24,35 @@ use prima_kernels::{
     version,
     about = "prima: run language models across the devices a household owns",
     long_about = "prima: run language models across the devices a household owns.\n\n\
-        The engine tools below run a GGUF model on this machine alone. Fetch the \
-        test models with `scripts/fetch-models` (prints their paths)."
+        With no subcommand, primad runs the service: the OpenAI-compatible API \
+        (http://127.0.0.1:7340 by default) that `primactl` and any OpenAI client \
+        talk to. The engine tools below run a GGUF model on this machine alone.",
+    args_conflicts_with_subcommands = true
 )]
 struct Cli {
+    #[command(flatten)]
+    serve: ServeArgs,
     #[command(subcommand)]
-    command: Command,
+    command: Option<Command>,
+}
+
+#[derive(Args, Clone, Default)]
+struct ServeArgs {
+    /// Config file (default: /etc/prima/primad.toml if it exists, else built-in defaults).
+    #[arg(long, value_name = "FILE", env = "PRIMAD_CONFIG")]
+    config: Option<PathBuf>,
+    /// State directory (identity, model registry); overrides [store] state_dir.
+    #[arg(long, value_name = "DIR")]
+    state_dir: Option<PathBuf>,
+    /// API listen address HOST:PORT; overrides [api] addr.
+    #[arg(long, value_name = "HOST:PORT")]
+    api_addr: Option<String>,
 }
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run the service (the default when no subcommand is given).
+    Serve(ServeArgs),
     /// Generate text from a prompt; prints only the generated text to stdout.
     Generate(GenerateArgs),
     /// Perplexity of a text file, computed the way llama.cpp's tool does.
@@ -166,20 +186,21 @@ struct InspectArgs {
 }
 
 fn main() -> ExitCode {
+    let cli = Cli::parse();
+    // The service logs its life at info; the tools only warnings. RUST_LOG wins.
+    let serving = matches!(cli.command, None | Some(Command::Serve(_)));
+    let default = if serving { "info,sled=warn" } else { "warn" };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default)),
         )
         .with_writer(std::io::stderr)
         .init();
-    let cli = Cli::parse();
     let res = match cli.command {
-        Command::Generate(a) => generate(a),
-        Command::Perplexity(a) => perplexity(a),
-        Command::Inspect(a) => inspect(a),
-        Command::Tokenize(a) => tokenize(a),
-        Command::Bench(a) => bench(a),
+        None => serve(cli.serve),
+        Some(Command::Serve(a)) => serve(a),
+        Some(c) => tool(c),
     };
     match res {
         Ok(()) => ExitCode::SUCCESS,
@@ -190,6 +211,28 @@ fn main() -> ExitCode {
             eprintln!("primad: error: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+fn serve(a: ServeArgs) -> Result<()> {
+    let cfg = primad::serve::load_config(
+        a.config.as_deref(),
+        &primad::serve::Overrides {
+            state_dir: a.state_dir,
+            api_addr: a.api_addr,
+        },
+    )?;
+    primad::serve::run(cfg)
+}
+
+fn tool(c: Command) -> Result<()> {
+    match c {
+        Command::Serve(_) => unreachable!("handled by the caller"),
+        Command::Generate(a) => generate(a),
+        Command::Perplexity(a) => perplexity(a),
+        Command::Inspect(a) => inspect(a),
+        Command::Tokenize(a) => tokenize(a),
+        Command::Bench(a) => bench(a),
     }
 }
 
@@ -412,6 +455,9 @@ fn inspect(a: InspectArgs) -> Result<()> {
     );
     match &tok.chat_template {
         Some(t) => println!("chat template {} bytes:\n{}", t.len(), indent(t)),
+        None if tok.chat_template_source() == prima_kernels::tokenizer::chat::GEMMA => {
+            println!("chat template (none; Gemma's turn format is used)")
+        }
         None => println!("chat template (none; ChatML is used)"),
     }
     Ok(())

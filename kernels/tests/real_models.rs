@@ -320,3 +320,30 @@ fn perplexity_within_one_percent_of_llama_cpp() {
         );
     }
 }
+
+/// Gemma's base GGUF ships no chat template; its vocabulary has Gemma's
+/// turn tokens, so chats use Gemma's format (ChatML's markers would be
+/// plain text to it), and the turn end stops generation.
+#[test]
+fn gemma_without_template_uses_its_turn_format() {
+    let gguf = Gguf::open(model_path(GEMMA)).expect("gguf");
+    let tok = Tokenizer::from_metadata(&gguf.metadata).expect("tokenizer");
+    assert!(tok.chat_template.is_none());
+    let r = tok
+        .apply_chat_template(&[
+            Message::new("system", "Be brief."),
+            Message::new("user", "hi"),
+            Message::new("assistant", "Hello!"),
+            Message::new("user", "Name a color."),
+        ])
+        .unwrap();
+    assert_eq!(
+        r,
+        "<start_of_turn>user\nBe brief.\n\nhi<end_of_turn>\n<start_of_turn>model\nHello!<end_of_turn>\n\
+         <start_of_turn>user\nName a color.<end_of_turn>\n<start_of_turn>model\n"
+    );
+    let ids = tok.encode(&r, true, true).unwrap();
+    let eot = ids[ids.len() - 5];
+    assert_eq!(tok.token_text(eot), Some("<end_of_turn>"));
+    assert!(tok.is_eog(eot), "<end_of_turn> must end generation");
+}

@@ -221,6 +221,11 @@ impl Tokenizer {
         self.kinds.get(id as usize).copied()
     }
 
+    /// Whether `text` is the text of a control (special) token.
+    pub fn is_special_text(&self, text: &str) -> bool {
+        self.specials.iter().any(|(t, _, _)| t == text)
+    }
+
     /// Whether generation should stop at `id`.
     pub fn is_eog(&self, id: u32) -> bool {
         self.eog.contains(&id)

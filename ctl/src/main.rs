@@ -1,0 +1,693 @@
+//! `primactl`: the command line for prima. It talks to a running `primad`
+//! over its HTTP API (the same one OpenAI clients use).
+
+use std::{
+    io::{BufRead, BufReader, IsTerminal, Read, Write},
+    path::PathBuf,
+    process::ExitCode,
+    time::{Duration, Instant},
+};
+
+use anyhow::{anyhow, bail, Context, Result};
+use clap::{Args, CommandFactory, Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
+use serde_json::{json, Value};
+
+const DEFAULT_API: &str = "http://127.0.0.1:7340";
+
+#[derive(Parser)]
+#[command(
+    name = "primactl",
+    version,
+    about = "Ask questions and manage the prima daemon (primad) of this household",
+    long_about = "Ask questions and manage the prima daemon (primad).\n\n\
+        primactl talks to primad's API: the local one by default \
+        (http://127.0.0.1:7340), another with --api URL or PRIMA_API. \
+        Start the daemon with `primad` (or as a system service).\n\n\
+        Examples:\n  \
+        primactl ask \"Why is the sky blue?\"\n  \
+        primactl models pull smollm2-135m\n  \
+        primactl status"
+)]
+struct Cli {
+    /// The daemon's API address.
+    #[arg(long, global = true, env = "PRIMA_API", default_value = DEFAULT_API)]
+    api: String,
+    /// API token, when the daemon requires one.
+    #[arg(long, global = true, env = "PRIMA_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Ask one question; the answer streams as it is generated.
+    Ask(AskArgs),
+    /// Talk back and forth; the conversation is kept until you leave (/exit).
+    Chat(ChatArgs),
+    /// Show this device: node, model, plan and load.
+    Status {
+        /// Print the daemon's JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List, add, remove or download models.
+    #[command(subcommand)]
+    Models(ModelsCmd),
+    /// Work with primad configuration files.
+    #[command(subcommand)]
+    Config(ConfigCmd),
+    /// Measure time to first token and decode speed through the API.
+    Bench(BenchArgs),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    Completions { shell: clap_complete::Shell },
+}
+
+#[derive(Args, Clone)]
+struct GenOpts {
+    /// Model to use (default: the daemon's default model).
+    #[arg(long, short = 'm')]
+    model: Option<String>,
+    /// Most tokens to generate (default: the daemon's [model] max_tokens).
+    #[arg(long, short = 'n')]
+    max_tokens: Option<u64>,
+    /// Sampling temperature; 0 is greedy and deterministic (default: the daemon's).
+    #[arg(long, short = 't')]
+    temperature: Option<f32>,
+    /// Random seed, for reproducible sampling.
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Stop when this text is generated (repeatable, up to 4).
+    #[arg(long)]
+    stop: Vec<String>,
+}
+
+#[derive(Args)]
+struct AskArgs {
+    /// The question; read from standard input when absent.
+    prompt: Vec<String>,
+    /// Send the text as is, without the model's chat template (completion).
+    #[arg(long)]
+    raw: bool,
+    /// A system message to put before the question.
+    #[arg(long, conflicts_with = "raw")]
+    system: Option<String>,
+    /// Print the whole response as JSON (not streamed).
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    gen: GenOpts,
+}
+
+#[derive(Args)]
+struct ChatArgs {
+    /// A system message to start the conversation with.
+    #[arg(long)]
+    system: Option<String>,
+    #[command(flatten)]
+    gen: GenOpts,
+}
+
+#[derive(Subcommand)]
+enum ModelsCmd {
+    /// List registered models.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Register a GGUF file on the daemon's machine (verified and hashed).
+    Add {
+        /// Path to the .gguf file (as the daemon sees it).
+        path: PathBuf,
+        /// Name to register it under (default: the catalog name if the file is
+        /// a catalog model, else the file name).
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// Unregister a model (the file is left alone).
+    Remove { name: String },
+    /// Download a model of the built-in catalog and register it.
+    Pull {
+        /// smollm2-135m or gemma3-270m.
+        name: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum ConfigCmd {
+    /// Check a primad.toml: syntax, unknown keys, values. Needs no daemon.
+    Validate { file: PathBuf },
+    /// Print the shipped default primad.toml, with comments.
+    Default,
+}
+
+#[derive(Args)]
+struct BenchArgs {
+    /// Requests to send, one after another; the median is reported.
+    #[arg(long, default_value_t = 5)]
+    requests: usize,
+    /// Tokens per answer.
+    #[arg(long, default_value_t = 64)]
+    max_tokens: u64,
+    /// The question asked.
+    #[arg(long, default_value = "Write a short story about a lighthouse keeper.")]
+    prompt: String,
+    #[arg(long, short = 'm')]
+    model: Option<String>,
+    #[arg(long)]
+    json: bool,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            if e.chain().any(|c| {
+                c.downcast_ref::<std::io::Error>()
+                    .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+            }) {
+                return ExitCode::SUCCESS;
+            }
+            eprintln!("primactl: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    let api = Api::new(&cli.api, cli.token.clone())?;
+    match cli.command {
+        Command::Ask(a) => ask(&api, a),
+        Command::Chat(a) => chat(&api, a),
+        Command::Status { json } => status(&api, json),
+        Command::Models(m) => models(&api, m),
+        Command::Config(ConfigCmd::Validate { file }) => {
+            let cfg = prima_config::Config::from_file(&file)?;
+            println!(
+                "{}: ok (api {}, default model {}, state dir {})",
+                file.display(),
+                cfg.api.addr,
+                cfg.model.default,
+                cfg.state_dir().display()
+            );
+            Ok(())
+        }
+        Command::Config(ConfigCmd::Default) => {
+            print!("{}", prima_config::SHIPPED);
+            Ok(())
+        }
+        Command::Bench(b) => bench(&api, b),
+        Command::Completions { shell } => {
+            clap_complete::generate(
+                shell,
+                &mut Cli::command(),
+                "primactl",
+                &mut std::io::stdout(),
+            );
+            Ok(())
+        }
+    }
+}
+
+struct Api {
+    base: String,
+    token: Option<String>,
+    http: reqwest::blocking::Client,
+}
+
+impl Api {
+    fn new(base: &str, token: Option<String>) -> Result<Self> {
+        let http = reqwest::blocking::Client::builder()
+            .connect_timeout(Duration::from_secs(5))
+            .timeout(None::<Duration>)
+            .build()?;
+        Ok(Self {
+            base: base.trim_end_matches('/').to_string(),
+            token,
+            http,
+        })
+    }
+
+    fn request(&self, method: reqwest::Method, path: &str) -> reqwest::blocking::RequestBuilder {
+        let mut r = self.http.request(method, format!("{}{path}", self.base));
+        if let Some(t) = &self.token {
+            r = r.bearer_auth(t);
+        }
+        r
+    }
+
+    /// Sends and turns connection failures and API errors into clear messages.
+    fn send(&self, rb: reqwest::blocking::RequestBuilder) -> Result<reqwest::blocking::Response> {
+        let resp = rb.send().map_err(|e| {
+            if e.is_connect() || e.is_timeout() {
+                anyhow!(
+                    "no primad is answering at {} ({}).\n  Start one with `primad` (or \
+                     `systemctl start primad`), or point --api / PRIMA_API at a running one.",
+                    self.base,
+                    root_cause(&e)
+                )
+            } else {
+                anyhow!("talking to primad at {}: {}", self.base, root_cause(&e))
+            }
+        })?;
+        if resp.status().is_success() {
+            return Ok(resp);
+        }
+        let status = resp.status();
+        let body = resp.text().unwrap_or_default();
+        let msg = serde_json::from_str::<Value>(&body)
+            .ok()
+            .and_then(|v| v["error"]["message"].as_str().map(String::from))
+            .unwrap_or(body);
+        bail!("{msg} (HTTP {})", status.as_u16())
+    }
+
+    fn get(&self, path: &str) -> Result<Value> {
+        Ok(self
+            .send(self.request(reqwest::Method::GET, path))?
+            .json()?)
+    }
+
+    fn post(&self, path: &str, body: &Value) -> Result<reqwest::blocking::Response> {
+        self.send(self.request(reqwest::Method::POST, path).json(body))
+    }
+}
+
+fn root_cause(e: &dyn std::error::Error) -> String {
+    let mut cur = e;
+    while let Some(next) = cur.source() {
+        cur = next;
+    }
+    cur.to_string()
+}
+
+/// Reads server-sent events, calling `f` with each `data:` payload until
+/// `[DONE]` or the end of the stream.
+fn for_each_event(
+    resp: reqwest::blocking::Response,
+    mut f: impl FnMut(Value) -> Result<()>,
+) -> Result<()> {
+    let reader = BufReader::new(resp);
+    for line in reader.lines() {
+        let line = line.context("reading the answer stream")?;
+        let Some(payload) = line.strip_prefix("data:") else {
+            continue;
+        };
+        let payload = payload.trim_start();
+        if payload == "[DONE]" {
+            break;
+        }
+        let v: Value = serde_json::from_str(payload)
+            .with_context(|| format!("the daemon sent a malformed event: {payload}"))?;
+        if let Some(msg) = v["error"]["message"].as_str() {
+            bail!("{msg}");
+        }
+        f(v)?;
+    }
+    Ok(())
+}
+
+fn gen_body(g: &GenOpts) -> Value {
+    let mut b = json!({});
+    if let Some(m) = &g.model {
+        b["model"] = json!(m);
+    }
+    if let Some(n) = g.max_tokens {
+        b["max_tokens"] = json!(n);
+    }
+    if let Some(t) = g.temperature {
+        b["temperature"] = json!(t);
+    }
+    if let Some(s) = g.seed {
+        b["seed"] = json!(s);
+    }
+    if !g.stop.is_empty() {
+        b["stop"] = json!(g.stop);
+    }
+    b
+}
+
+/// Streams a chat or completion answer to stdout; returns the text.
+fn stream_answer(api: &Api, path: &str, mut body: Value) -> Result<String> {
+    body["stream"] = json!(true);
+    let resp = api.post(path, &body)?;
+    let mut out = std::io::stdout().lock();
+    let mut text = String::new();
+    for_each_event(resp, |v| {
+        let piece = v["choices"][0]["delta"]["content"]
+            .as_str()
+            .or_else(|| v["choices"][0]["text"].as_str())
+            .unwrap_or("");
+        if !piece.is_empty() {
+            out.write_all(piece.as_bytes())?;
+            out.flush()?;
+            text.push_str(piece);
+        }
+        Ok(())
+    })?;
+    if !text.ends_with('\n') {
+        writeln!(out)?;
+    }
+    Ok(text)
+}
+
+fn ask(api: &Api, a: AskArgs) -> Result<()> {
+    let prompt = if a.prompt.is_empty() {
+        if std::io::stdin().is_terminal() {
+            bail!("give the question as an argument, e.g. primactl ask \"Why is the sky blue?\"");
+        }
+        let mut s = String::new();
+        std::io::stdin().read_to_string(&mut s)?;
+        s
+    } else {
+        a.prompt.join(" ")
+    };
+    let mut body = gen_body(&a.gen);
+    let path = if a.raw {
+        body["prompt"] = json!(prompt);
+        "/v1/completions"
+    } else {
+        let mut msgs = vec![];
+        if let Some(s) = &a.system {
+            msgs.push(json!({"role": "system", "content": s}));
+        }
+        msgs.push(json!({"role": "user", "content": prompt}));
+        body["messages"] = json!(msgs);
+        "/v1/chat/completions"
+    };
+    if a.json {
+        let v: Value = api.post(path, &body)?.json()?;
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    stream_answer(api, path, body)?;
+    Ok(())
+}
+
+fn chat(api: &Api, a: ChatArgs) -> Result<()> {
+    let mut history = vec![];
+    if let Some(s) = &a.system {
+        history.push(json!({"role": "system", "content": s}));
+    }
+    let interactive = std::io::stdin().is_terminal();
+    if interactive {
+        eprintln!(
+            "Chatting with primad at {}. /reset forgets, /exit (or ctrl-d) leaves.",
+            api.base
+        );
+    }
+    let stdin = std::io::stdin();
+    let mut lines = stdin.lock().lines();
+    loop {
+        if interactive {
+            eprint!("> ");
+            std::io::stderr().flush()?;
+        }
+        let Some(line) = lines.next() else { break };
+        let line = line?;
+        let line = line.trim();
+        match line {
+            "" => continue,
+            "/exit" | "/quit" => break,
+            "/reset" => {
+                history.retain(|m| m["role"] == "system");
+                eprintln!("(conversation forgotten)");
+                continue;
+            }
+            "/help" => {
+                eprintln!("/reset forgets the conversation, /exit leaves");
+                continue;
+            }
+            _ => {}
+        }
+        history.push(json!({"role": "user", "content": line}));
+        let mut body = gen_body(&a.gen);
+        body["messages"] = json!(history);
+        match stream_answer(api, "/v1/chat/completions", body) {
+            Ok(answer) => history.push(json!({"role": "assistant", "content": answer})),
+            Err(e) => {
+                history.pop();
+                eprintln!("primactl: error: {e:#}");
+            }
+        }
+    }
+    Ok(())
+}
+
+fn status(api: &Api, json: bool) -> Result<()> {
+    let v = api.get("/api/status")?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    let n = &v["node"];
+    println!(
+        "node    {} ({})  primad {}, up {}",
+        s(&n["name"]),
+        s(&n["id"]),
+        s(&n["version"]),
+        human_secs(n["uptime_s"].as_u64().unwrap_or(0))
+    );
+    println!("api     http://{}", s(&n["api_addr"]));
+    let m = &v["model"];
+    let loaded = match m["loaded"].as_object() {
+        Some(l) => format!(
+            "loaded {} ({}, {} layers, context {})",
+            s(&l["name"]),
+            s(&l["arch"]),
+            l["n_layers"],
+            l["ctx"]
+        ),
+        None => "none loaded yet".into(),
+    };
+    println!(
+        "model   default {}; {} registered; {loaded}",
+        s(&m["default"]),
+        m["registered"]
+    );
+    match v["plan"]["devices"].as_array() {
+        Some(devs) => {
+            println!("plan    epoch {}", v["plan"]["epoch"]);
+            for d in devs {
+                let layers: Vec<String> = d["layers"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(|r| format!("{}..{}", r[0], r[1]))
+                    .collect();
+                println!("        {:<20} layers {}", s(&d["node"]), layers.join(", "));
+            }
+        }
+        None => println!("plan    none yet (made when a model is first used)"),
+    }
+    let l = &v["load"];
+    println!(
+        "load    running {}, queued {}/{}; completed {}, cancelled {}, failed {}, rejected {}",
+        l["running"],
+        l["queued"],
+        l["queue_limit"],
+        l["completed"],
+        l["cancelled"],
+        l["failed"],
+        l["rejected"]
+    );
+    Ok(())
+}
+
+fn s(v: &Value) -> String {
+    v.as_str()
+        .map(String::from)
+        .unwrap_or_else(|| v.to_string())
+}
+
+fn human_secs(t: u64) -> String {
+    match t {
+        0..60 => format!("{t} s"),
+        60..3600 => format!("{} min", t / 60),
+        _ => format!("{} h {} min", t / 3600, t % 3600 / 60),
+    }
+}
+
+fn human_bytes(b: u64) -> String {
+    if b >= 1 << 30 {
+        format!("{:.2} GiB", b as f64 / (1u64 << 30) as f64)
+    } else {
+        format!("{:.1} MiB", b as f64 / (1u64 << 20) as f64)
+    }
+}
+
+fn models(api: &Api, cmd: ModelsCmd) -> Result<()> {
+    match cmd {
+        ModelsCmd::List { json } => {
+            let v = api.get("/api/models")?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+                return Ok(());
+            }
+            let list = v["models"].as_array().cloned().unwrap_or_default();
+            if list.is_empty() {
+                println!("no models registered; try `primactl models pull smollm2-135m`");
+                return Ok(());
+            }
+            println!(
+                "{:<24} {:<8} {:>10}  {:<12}  PATH",
+                "NAME", "ARCH", "SIZE", "SHA256"
+            );
+            for m in list {
+                let mut flags = String::new();
+                if m["default"] == true {
+                    flags.push_str("  (default)");
+                }
+                if m["present"] == false {
+                    flags.push_str("  (file missing!)");
+                }
+                println!(
+                    "{:<24} {:<8} {:>10}  {:<12}  {}{flags}",
+                    s(&m["name"]),
+                    s(&m["arch"]),
+                    human_bytes(m["size"].as_u64().unwrap_or(0)),
+                    &s(&m["sha256"])[..12.min(s(&m["sha256"]).len())],
+                    s(&m["path"]),
+                );
+            }
+            Ok(())
+        }
+        ModelsCmd::Add { path, name } => {
+            let abs = std::fs::canonicalize(&path)
+                .with_context(|| format!("cannot find {}", path.display()))?;
+            let mut body = json!({"path": abs});
+            if let Some(n) = name {
+                body["name"] = json!(n);
+            }
+            let resp = api.post("/api/models", &body)?;
+            let m = follow_progress(resp)?;
+            println!(
+                "added {} ({}, {}, sha256 {}) from {}",
+                s(&m["name"]),
+                s(&m["arch"]),
+                human_bytes(m["size"].as_u64().unwrap_or(0)),
+                &s(&m["sha256"])[..12],
+                s(&m["path"])
+            );
+            Ok(())
+        }
+        ModelsCmd::Remove { name } => {
+            api.send(api.request(reqwest::Method::DELETE, &format!("/api/models/{name}")))?;
+            println!("removed {name} (its file was left in place)");
+            Ok(())
+        }
+        ModelsCmd::Pull { name } => {
+            let resp = api.post("/api/models/pull", &json!({ "name": name }))?;
+            let m = follow_progress(resp)?;
+            println!("pulled {} to {}", s(&m["name"]), s(&m["path"]));
+            Ok(())
+        }
+    }
+}
+
+/// Shows the daemon's progress events as a bar; returns the final model.
+fn follow_progress(resp: reqwest::blocking::Response) -> Result<Value> {
+    let bar = ProgressBar::new(0);
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{msg:<32} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+        )
+        .expect("template")
+        .progress_chars("=> "),
+    );
+    let mut stage = String::new();
+    let mut result = None;
+    let res = for_each_event(resp, |v| {
+        match v["event"].as_str() {
+            Some("progress") => {
+                let st = s(&v["stage"]);
+                if st != stage {
+                    bar.reset();
+                    bar.set_message(st.clone());
+                    stage = st;
+                }
+                bar.set_length(v["total"].as_u64().unwrap_or(0));
+                bar.set_position(v["done"].as_u64().unwrap_or(0));
+            }
+            Some("done") => result = Some(v["model"].clone()),
+            Some("error") => bail!("{}", s(&v["message"])),
+            _ => {}
+        }
+        Ok(())
+    });
+    bar.finish_and_clear();
+    res?;
+    result.ok_or_else(|| anyhow!("the daemon ended the operation without a result"))
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v[v.len() / 2]
+}
+
+fn bench(api: &Api, b: BenchArgs) -> Result<()> {
+    if b.requests == 0 {
+        bail!("--requests must be at least 1");
+    }
+    let mut ttft = vec![];
+    let mut decode = vec![];
+    let mut tokens = 0;
+    for i in 0..b.requests {
+        let mut body = json!({
+            "messages": [{"role": "user", "content": b.prompt}],
+            "max_tokens": b.max_tokens,
+            "temperature": 0,
+            "stream": true,
+            "stream_options": {"include_usage": true},
+        });
+        if let Some(m) = &b.model {
+            body["model"] = json!(m);
+        }
+        let t0 = Instant::now();
+        let resp = api.post("/v1/chat/completions", &body)?;
+        let mut first = None;
+        let mut completion = 0u64;
+        for_each_event(resp, |v| {
+            let piece = v["choices"][0]["delta"]["content"].as_str().unwrap_or("");
+            if !piece.is_empty() && first.is_none() {
+                first = Some(t0.elapsed());
+            }
+            if let Some(n) = v["usage"]["completion_tokens"].as_u64() {
+                completion = n;
+            }
+            Ok(())
+        })?;
+        let total = t0.elapsed();
+        let first = first.unwrap_or(total);
+        ttft.push(first.as_secs_f64() * 1e3);
+        if completion > 1 {
+            decode.push((completion - 1) as f64 / (total - first).as_secs_f64().max(1e-9));
+        }
+        tokens = completion;
+        if !b.json {
+            eprintln!(
+                "request {}/{}: first token {:.0} ms, {} tokens in {:.2} s",
+                i + 1,
+                b.requests,
+                first.as_secs_f64() * 1e3,
+                completion,
+                total.as_secs_f64()
+            );
+        }
+    }
+    let (t, d) = (median(ttft), median(decode));
+    if b.json {
+        println!(
+            "{}",
+            json!({"requests": b.requests, "ttft_ms_median": t, "decode_tok_s_median": d, "tokens": tokens})
+        );
+    } else {
+        println!("time to first token {t:.0} ms (median), decode {d:.1} tokens/s (median)");
+    }
+    Ok(())
+}

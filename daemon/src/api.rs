@@ -1,0 +1,909 @@
+//! The HTTP API: OpenAI-compatible `/v1/*` and prima's own `/api/*`.
+
+use std::{
+    collections::VecDeque,
+    convert::Infallible,
+    path::PathBuf,
+    sync::{atomic::Ordering, Arc},
+    time::{Instant, SystemTime, UNIX_EPOCH},
+};
+
+use axum::{
+    body::Bytes,
+    extract::{rejection::BytesRejection, Path, Request, State},
+    http::{header, StatusCode},
+    middleware::Next,
+    response::{
+        sse::{Event as SseEvent, KeepAlive, Sse},
+        IntoResponse, Response,
+    },
+    routing::{delete, get, post},
+    Json, Router,
+};
+use futures_util::{stream, Stream};
+use prima_config::Config;
+use prima_kernels::{tokenizer::chat::Message, SamplerConfig};
+use serde::{de::DeserializeOwned, Deserialize};
+use serde_json::{json, Value};
+use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
+
+use crate::{
+    catalog,
+    error::ApiError,
+    store::{self, ModelEntry, Store},
+    worker::{Event, GenRequest, Prompt, Worker},
+};
+
+pub struct AppState {
+    pub cfg: Config,
+    pub store: Arc<Store>,
+    pub worker: Arc<Worker>,
+    pub node_id: String,
+    pub node_name: String,
+    pub api_addr: String,
+    pub started: Instant,
+}
+
+type St = State<Arc<AppState>>;
+
+pub fn router(state: Arc<AppState>) -> Router {
+    let limit = state.cfg.api.max_body_bytes;
+    Router::new()
+        .route("/v1/chat/completions", post(chat_completions))
+        .route("/v1/completions", post(completions))
+        .route("/v1/models", get(list_models))
+        .route("/v1/models/{id}", get(get_model))
+        .route("/api/status", get(status))
+        .route("/api/models", get(api_models).post(api_add_model))
+        .route("/api/models/pull", post(api_pull_model))
+        .route("/api/models/{name}", delete(api_remove_model))
+        .route("/health", get(|| async { "ok\n" }))
+        .fallback(|| async {
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                "invalid_request_error",
+                "no such endpoint; see /v1/chat/completions, /v1/completions, /v1/models, /api/status",
+            )
+        })
+        .layer(axum::middleware::from_fn_with_state(state.clone(), auth))
+        .layer(axum::extract::DefaultBodyLimit::max(limit))
+        .with_state(state)
+}
+
+/// Bearer-token check when a token is configured (always, when the API is
+/// reachable from other machines). `/health` stays open: it says nothing.
+async fn auth(State(st): St, req: Request, next: Next) -> Response {
+    let token = &st.cfg.api.token;
+    if token.is_empty() || req.uri().path() == "/health" {
+        return next.run(req).await;
+    }
+    let given = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    if !constant_time_eq(given.as_bytes(), token.as_bytes()) {
+        return ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "authentication_error",
+            "missing or wrong API token (send `Authorization: Bearer TOKEN`)",
+        )
+        .code("invalid_api_key")
+        .into_response();
+    }
+    next.run(req).await
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Parses a JSON body with errors that name the field and position.
+fn parse_body<T: DeserializeOwned>(body: Result<Bytes, BytesRejection>) -> Result<T, ApiError> {
+    let bytes = body.map_err(|e| {
+        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "invalid_request_error",
+                "the request body is larger than [api] max_body_bytes allows",
+            )
+        } else {
+            ApiError::bad_request(format!("cannot read the request body: {e}"))
+        }
+    })?;
+    let de = &mut serde_json::Deserializer::from_slice(&bytes);
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        if inner.is_syntax() || inner.is_eof() {
+            ApiError::bad_request(format!("the body is not valid JSON: {inner}"))
+        } else if path == "." {
+            ApiError::bad_request(format!("invalid request: {inner}"))
+        } else {
+            ApiError::bad_request(format!("invalid request: `{path}`: {inner}"))
+        }
+    })
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum StopSpec {
+    One(String),
+    Many(Vec<String>),
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Content {
+    Text(String),
+    Parts(Vec<ContentPart>),
+}
+
+#[derive(Deserialize)]
+struct ContentPart {
+    #[serde(rename = "type")]
+    kind: String,
+    #[serde(default)]
+    text: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct ChatMessage {
+    role: String,
+    #[serde(default)]
+    content: Option<Content>,
+}
+
+#[derive(Deserialize, Default)]
+struct StreamOptions {
+    #[serde(default)]
+    include_usage: bool,
+}
+
+/// The body of both completion endpoints (one struct rather than a
+/// flattened pair, so that type errors name their field).
+#[derive(Deserialize)]
+struct Common {
+    /// Chat: the conversation.
+    #[serde(default)]
+    messages: Option<Vec<ChatMessage>>,
+    /// Completions: the text to continue.
+    #[serde(default)]
+    prompt: Option<PromptSpec>,
+    #[serde(default)]
+    model: Option<String>,
+    #[serde(default)]
+    max_tokens: Option<u64>,
+    #[serde(default)]
+    max_completion_tokens: Option<u64>,
+    #[serde(default)]
+    temperature: Option<f32>,
+    #[serde(default)]
+    top_p: Option<f32>,
+    #[serde(default)]
+    top_k: Option<u32>,
+    #[serde(default)]
+    min_p: Option<f32>,
+    #[serde(default)]
+    presence_penalty: Option<f32>,
+    #[serde(default)]
+    frequency_penalty: Option<f32>,
+    #[serde(default)]
+    repeat_penalty: Option<f32>,
+    #[serde(default)]
+    seed: Option<u64>,
+    #[serde(default)]
+    stop: Option<StopSpec>,
+    #[serde(default)]
+    stream: Option<bool>,
+    #[serde(default)]
+    stream_options: Option<StreamOptions>,
+    #[serde(default)]
+    n: Option<u32>,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum PromptSpec {
+    One(String),
+    Many(Vec<String>),
+}
+
+fn in_range(v: Option<f32>, lo: f32, hi: f32, name: &'static str) -> Result<(), ApiError> {
+    match v {
+        Some(x) if !(lo..=hi).contains(&x) => Err(ApiError::bad_request(format!(
+            "`{name}` must be between {lo} and {hi}, got {x}"
+        ))
+        .param(name)),
+        _ => Ok(()),
+    }
+}
+
+struct Prepared {
+    model: ModelEntry,
+    req: GenRequest,
+    stream: bool,
+    include_usage: bool,
+}
+
+impl AppState {
+    fn resolve_model(&self, name: Option<&str>) -> Result<ModelEntry, ApiError> {
+        let want = match name {
+            None | Some("") | Some("default") => self.cfg.model.default.as_str(),
+            Some(n) => n,
+        };
+        if let Some(m) = self.store.model(want)? {
+            return Ok(m);
+        }
+        let known: Vec<String> = self.store.models()?.into_iter().map(|m| m.name).collect();
+        let hint = if known.is_empty() {
+            "no model is registered yet; add one with `primactl models add PATH` or \
+             `primactl models pull NAME`"
+                .to_string()
+        } else {
+            format!("registered: {}", known.join(", "))
+        };
+        Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "invalid_request_error",
+            format!("the model '{want}' does not exist ({hint})"),
+        )
+        .code("model_not_found")
+        .param("model"))
+    }
+
+    fn prepare(&self, c: Common, prompt: Prompt) -> Result<Prepared, ApiError> {
+        if c.n.is_some_and(|n| n != 1) {
+            return Err(ApiError::bad_request("only n = 1 is supported").param("n"));
+        }
+        in_range(c.temperature, 0.0, 2.0, "temperature")?;
+        in_range(c.top_p, 0.0, 1.0, "top_p")?;
+        in_range(c.min_p, 0.0, 1.0, "min_p")?;
+        in_range(c.presence_penalty, -2.0, 2.0, "presence_penalty")?;
+        in_range(c.frequency_penalty, -2.0, 2.0, "frequency_penalty")?;
+        in_range(c.repeat_penalty, 0.0, 10.0, "repeat_penalty")?;
+        let max_tokens = c.max_completion_tokens.or(c.max_tokens);
+        if max_tokens == Some(0) {
+            return Err(
+                ApiError::bad_request("`max_tokens` must be at least 1").param("max_tokens")
+            );
+        }
+        let stop = match c.stop {
+            None => vec![],
+            Some(StopSpec::One(s)) => vec![s],
+            Some(StopSpec::Many(v)) => v,
+        };
+        if stop.len() > 4 || stop.iter().any(|s| s.is_empty() || s.len() > 256) {
+            return Err(ApiError::bad_request(
+                "`stop` takes up to 4 non-empty strings of at most 256 bytes",
+            )
+            .param("stop"));
+        }
+        let model = self.resolve_model(c.model.as_deref())?;
+        let d = &self.cfg.sampling;
+        let sampler = SamplerConfig {
+            temperature: c.temperature.unwrap_or(d.temperature),
+            top_p: c.top_p.unwrap_or(d.top_p),
+            top_k: c.top_k.map(|k| k as usize).unwrap_or(d.top_k),
+            min_p: c.min_p.unwrap_or(d.min_p),
+            presence_penalty: c.presence_penalty.unwrap_or(0.0),
+            frequency_penalty: c.frequency_penalty.unwrap_or(0.0),
+            repeat_penalty: c.repeat_penalty.unwrap_or(1.0),
+            seed: c.seed.unwrap_or_else(rand::random),
+            ..SamplerConfig::default()
+        };
+        Ok(Prepared {
+            model,
+            req: GenRequest {
+                prompt,
+                max_tokens: max_tokens.map(|n| n.min(1 << 20) as usize),
+                stop,
+                sampler,
+            },
+            stream: c.stream.unwrap_or(false),
+            include_usage: c.stream_options.unwrap_or_default().include_usage,
+        })
+    }
+}
+
+fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn new_id(prefix: &str) -> String {
+    format!("{prefix}-{:024x}", rand::random::<u128>() >> 32)
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Kind {
+    Chat,
+    Text,
+}
+
+async fn chat_completions(State(st): St, body: Result<Bytes, BytesRejection>) -> Response {
+    let mut r: Common = match parse_body(body) {
+        Ok(r) => r,
+        Err(e) => return e.into_response(),
+    };
+    let msgs = match r.messages.take() {
+        Some(m) if !m.is_empty() => m,
+        _ => {
+            return ApiError::bad_request("`messages` must hold at least one message")
+                .param("messages")
+                .into_response()
+        }
+    };
+    let mut messages = Vec::with_capacity(msgs.len());
+    for m in msgs {
+        if !matches!(
+            m.role.as_str(),
+            "system" | "user" | "assistant" | "developer" | "tool"
+        ) {
+            return ApiError::bad_request(format!(
+                "unknown message role '{}' (system, user, assistant)",
+                m.role
+            ))
+            .param("messages")
+            .into_response();
+        }
+        let content = match m.content {
+            None => String::new(),
+            Some(Content::Text(s)) => s,
+            Some(Content::Parts(parts)) => {
+                let mut s = String::new();
+                for p in parts {
+                    if p.kind != "text" {
+                        return ApiError::bad_request(format!(
+                            "message content of type '{}' is not supported (text only)",
+                            p.kind
+                        ))
+                        .param("messages")
+                        .into_response();
+                    }
+                    s.push_str(p.text.as_deref().unwrap_or(""));
+                }
+                s
+            }
+        };
+        let role = if m.role == "developer" {
+            "system".to_string()
+        } else {
+            m.role
+        };
+        messages.push(Message::new(role, content));
+    }
+    run_request(st, r, Prompt::Chat(messages), Kind::Chat).await
+}
+
+async fn completions(State(st): St, body: Result<Bytes, BytesRejection>) -> Response {
+    let mut r: Common = match parse_body(body) {
+        Ok(r) => r,
+        Err(e) => return e.into_response(),
+    };
+    let prompt = match r.prompt.take() {
+        None => {
+            return ApiError::bad_request("`prompt` is required")
+                .param("prompt")
+                .into_response()
+        }
+        Some(PromptSpec::One(s)) => s,
+        Some(PromptSpec::Many(mut v)) if v.len() == 1 => v.remove(0),
+        Some(PromptSpec::Many(_)) => {
+            return ApiError::bad_request("only a single prompt string is supported")
+                .param("prompt")
+                .into_response()
+        }
+    };
+    run_request(st, r, Prompt::Raw(prompt), Kind::Text).await
+}
+
+async fn run_request(st: Arc<AppState>, c: Common, prompt: Prompt, kind: Kind) -> Response {
+    let p = match st.prepare(c, prompt) {
+        Ok(p) => p,
+        Err(e) => return e.into_response(),
+    };
+    let (tx, mut rx) = unbounded_channel();
+    let model_name = p.model.name.clone();
+    if let Err(e) = st.worker.submit(p.model, p.req, tx) {
+        return e.into_response();
+    }
+    // The first event says whether the prompt was accepted, so errors such as
+    // an over-long prompt are a proper 4xx even for streaming requests.
+    let prompt_tokens = match rx.recv().await {
+        Some(Event::Started { prompt_tokens }) => prompt_tokens,
+        Some(Event::Failed(e)) => return e.into_response(),
+        _ => return ApiError::internal("the inference worker stopped").into_response(),
+    };
+    let meta = Meta {
+        id: new_id(if kind == Kind::Chat {
+            "chatcmpl"
+        } else {
+            "cmpl"
+        }),
+        created: now_secs(),
+        model: model_name,
+        kind,
+    };
+    if p.stream {
+        let s = sse_stream(rx, meta, prompt_tokens, p.include_usage);
+        return Sse::new(s).keep_alive(KeepAlive::default()).into_response();
+    }
+    let mut text = String::new();
+    loop {
+        match rx.recv().await {
+            Some(Event::Text(t)) => text.push_str(&t),
+            Some(Event::Done {
+                finish,
+                prompt_tokens,
+                completion_tokens,
+            }) => {
+                let usage = usage(prompt_tokens, completion_tokens);
+                let choice = match kind {
+                    Kind::Chat => json!({
+                        "index": 0,
+                        "message": {"role": "assistant", "content": text},
+                        "logprobs": null,
+                        "finish_reason": finish,
+                    }),
+                    Kind::Text => json!({
+                        "index": 0, "text": text, "logprobs": null, "finish_reason": finish,
+                    }),
+                };
+                return Json(json!({
+                    "id": meta.id,
+                    "object": if kind == Kind::Chat { "chat.completion" } else { "text_completion" },
+                    "created": meta.created,
+                    "model": meta.model,
+                    "system_fingerprint": fingerprint(),
+                    "choices": [choice],
+                    "usage": usage,
+                }))
+                .into_response();
+            }
+            Some(Event::Failed(e)) => return e.into_response(),
+            Some(Event::Started { .. }) => {}
+            None => {
+                return ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "server_error",
+                    "the request was cancelled (primad is shutting down)",
+                )
+                .into_response()
+            }
+        }
+    }
+}
+
+fn fingerprint() -> String {
+    concat!("prima-", env!("CARGO_PKG_VERSION")).to_string()
+}
+
+fn usage(prompt: usize, completion: usize) -> Value {
+    json!({
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+    })
+}
+
+struct Meta {
+    id: String,
+    created: u64,
+    model: String,
+    kind: Kind,
+}
+
+impl Meta {
+    fn chunk(&self, delta_or_text: Value, finish: Option<&str>) -> Value {
+        let choice = match self.kind {
+            Kind::Chat => json!({
+                "index": 0, "delta": delta_or_text, "logprobs": null, "finish_reason": finish,
+            }),
+            Kind::Text => json!({
+                "index": 0, "text": delta_or_text, "logprobs": null, "finish_reason": finish,
+            }),
+        };
+        json!({
+            "id": self.id,
+            "object": if self.kind == Kind::Chat { "chat.completion.chunk" } else { "text_completion" },
+            "created": self.created,
+            "model": self.model,
+            "system_fingerprint": fingerprint(),
+            "choices": [choice],
+        })
+    }
+
+    fn text(&self, t: &str) -> Value {
+        match self.kind {
+            Kind::Chat => self.chunk(json!({"content": t}), None),
+            Kind::Text => self.chunk(json!(t), None),
+        }
+    }
+}
+
+struct StreamState {
+    rx: UnboundedReceiver<Event>,
+    meta: Meta,
+    include_usage: bool,
+    pending: VecDeque<SseEvent>,
+    done: bool,
+}
+
+fn data(v: &Value) -> SseEvent {
+    SseEvent::default().data(v.to_string())
+}
+
+/// OpenAI's chunk stream: a role chunk (chat), content chunks, a final chunk
+/// with `finish_reason`, optionally a usage chunk, then `[DONE]`. Dropping it
+/// (the client went away) drops the receiver, which cancels the generation.
+fn sse_stream(
+    rx: UnboundedReceiver<Event>,
+    meta: Meta,
+    _prompt_tokens: usize,
+    include_usage: bool,
+) -> impl Stream<Item = Result<SseEvent, Infallible>> {
+    let mut pending = VecDeque::new();
+    if meta.kind == Kind::Chat {
+        pending.push_back(data(
+            &meta.chunk(json!({"role": "assistant", "content": ""}), None),
+        ));
+    }
+    let state = StreamState {
+        rx,
+        meta,
+        include_usage,
+        pending,
+        done: false,
+    };
+    stream::unfold(state, |mut s| async move {
+        loop {
+            if let Some(ev) = s.pending.pop_front() {
+                return Some((Ok(ev), s));
+            }
+            if s.done {
+                return None;
+            }
+            match s.rx.recv().await {
+                Some(Event::Text(t)) => s.pending.push_back(data(&s.meta.text(&t))),
+                Some(Event::Started { .. }) => {}
+                Some(Event::Done {
+                    finish,
+                    prompt_tokens,
+                    completion_tokens,
+                }) => {
+                    let last = match s.meta.kind {
+                        Kind::Chat => s.meta.chunk(json!({}), Some(finish)),
+                        Kind::Text => s.meta.chunk(json!(""), Some(finish)),
+                    };
+                    s.pending.push_back(data(&last));
+                    if s.include_usage {
+                        let mut u = s.meta.chunk(json!({}), None);
+                        u["choices"] = json!([]);
+                        u["usage"] = usage(prompt_tokens, completion_tokens);
+                        s.pending.push_back(data(&u));
+                    }
+                    s.pending.push_back(SseEvent::default().data("[DONE]"));
+                    s.done = true;
+                }
+                Some(Event::Failed(e)) => {
+                    s.pending.push_back(data(&e.body()));
+                    s.done = true;
+                }
+                None => {
+                    s.pending.push_back(data(
+                        &ApiError::new(
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            "server_error",
+                            "the request was cancelled (primad is shutting down)",
+                        )
+                        .body(),
+                    ));
+                    s.done = true;
+                }
+            }
+        }
+    })
+}
+
+fn model_object(m: &ModelEntry) -> Value {
+    json!({
+        "id": m.name,
+        "object": "model",
+        "created": m.added,
+        "owned_by": "prima",
+    })
+}
+
+async fn list_models(State(st): St) -> Result<Json<Value>, ApiError> {
+    let data: Vec<Value> = st.store.models()?.iter().map(model_object).collect();
+    Ok(Json(json!({"object": "list", "data": data})))
+}
+
+async fn get_model(State(st): St, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
+    let m = st.resolve_model(Some(&id))?;
+    Ok(Json(model_object(&m)))
+}
+
+async fn status(State(st): St) -> Result<Json<Value>, ApiError> {
+    let w = &st.worker;
+    let s = &w.stats;
+    let loaded = w.loaded.lock().expect("status lock").clone();
+    let plan = loaded.as_ref().map(|l| {
+        json!({
+            "epoch": 0,
+            "model": l.name,
+            "devices": [{"node": st.node_name, "id": st.node_id, "layers": [[0, l.n_layers]]}],
+        })
+    });
+    Ok(Json(json!({
+        "node": {
+            "id": st.node_id,
+            "name": st.node_name,
+            "version": env!("CARGO_PKG_VERSION"),
+            "uptime_s": st.started.elapsed().as_secs(),
+            "api_addr": st.api_addr,
+            "state_dir": st.store.dir(),
+            "pid": std::process::id(),
+        },
+        "model": {
+            "default": st.cfg.model.default,
+            "loaded": loaded,
+            "registered": st.store.models()?.len(),
+        },
+        "plan": plan,
+        "load": {
+            "running": s.running.load(Ordering::Relaxed),
+            "queued": w.queued(),
+            "queue_limit": w.queue_limit,
+            "completed": s.completed.load(Ordering::Relaxed),
+            "cancelled": s.cancelled.load(Ordering::Relaxed),
+            "failed": s.failed.load(Ordering::Relaxed),
+            "rejected": s.rejected.load(Ordering::Relaxed),
+            "prompt_tokens": s.prompt_tokens.load(Ordering::Relaxed),
+            "completion_tokens": s.completion_tokens.load(Ordering::Relaxed),
+        },
+    })))
+}
+
+async fn api_models(State(st): St) -> Result<Json<Value>, ApiError> {
+    let models = st.store.models()?;
+    let list: Vec<Value> = models
+        .iter()
+        .map(|m| {
+            let mut v = serde_json::to_value(m).expect("json");
+            v["present"] = json!(m.path.is_file());
+            v["default"] = json!(m.name == st.cfg.model.default);
+            v
+        })
+        .collect();
+    Ok(Json(json!({ "models": list })))
+}
+
+async fn api_remove_model(
+    State(st): St,
+    Path(name): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    if st.store.remove_model(&name)? {
+        tracing::info!(model = %name, "model removed from the registry");
+        Ok(Json(json!({ "removed": name })))
+    } else {
+        Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "invalid_request_error",
+            format!("no model named '{name}' is registered"),
+        )
+        .code("model_not_found"))
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AddRequest {
+    path: PathBuf,
+    #[serde(default)]
+    name: Option<String>,
+}
+
+type ProgressTx = tokio::sync::mpsc::UnboundedSender<Value>;
+
+/// Long admin operations answer with a stream of JSON events:
+/// `{"event":"progress",...}`, then `{"event":"done",...}` or
+/// `{"event":"error","message":..}`.
+fn progress_response(rx: UnboundedReceiver<Value>) -> Response {
+    let s = stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|v| (Ok::<_, Infallible>(data(&v)), rx))
+    });
+    Sse::new(s).keep_alive(KeepAlive::default()).into_response()
+}
+
+async fn api_add_model(State(st): St, body: Result<Bytes, BytesRejection>) -> Response {
+    let r: AddRequest = match parse_body(body) {
+        Ok(r) => r,
+        Err(e) => return e.into_response(),
+    };
+    if !r.path.is_absolute() {
+        return ApiError::bad_request(format!(
+            "the path must be absolute (the daemon does not share your working directory): {}",
+            r.path.display()
+        ))
+        .param("path")
+        .into_response();
+    }
+    if let Some(n) = &r.name {
+        if !store::valid_model_name(n) {
+            return ApiError::bad_request(format!(
+                "'{n}' is not a valid model name (1-64 of a-z 0-9 . _ -, starting with a letter or digit)"
+            ))
+            .param("name")
+            .into_response();
+        }
+    }
+    let meta = match std::fs::metadata(&r.path) {
+        Ok(m) if m.is_file() => m,
+        Ok(_) => {
+            return ApiError::bad_request(format!("{} is not a file", r.path.display()))
+                .into_response()
+        }
+        Err(e) => {
+            return ApiError::bad_request(format!("cannot read {}: {e}", r.path.display()))
+                .param("path")
+                .into_response()
+        }
+    };
+    // Verify it is a model we can run before spending time hashing it.
+    let path = r.path.clone();
+    let arch = match tokio::task::spawn_blocking(move || verify_gguf(&path)).await {
+        Ok(Ok(arch)) => arch,
+        Ok(Err(e)) => {
+            return ApiError::bad_request(format!(
+                "{} is not a usable model: {e}",
+                r.path.display()
+            ))
+            .code("invalid_model")
+            .into_response()
+        }
+        Err(e) => return ApiError::internal(e.to_string()).into_response(),
+    };
+    let (tx, rx) = unbounded_channel();
+    let size = meta.len();
+    tokio::task::spawn_blocking(move || {
+        let res = add_model(&st, r.path, r.name, arch, size, &tx);
+        send_result(&tx, res);
+    });
+    progress_response(rx)
+}
+
+fn send_result(tx: &ProgressTx, res: anyhow::Result<ModelEntry>) {
+    let _ = match res {
+        Ok(entry) => tx.send(json!({"event": "done", "model": entry})),
+        Err(e) => tx.send(json!({"event": "error", "message": format!("{e:#}")})),
+    };
+}
+
+fn verify_gguf(path: &std::path::Path) -> anyhow::Result<String> {
+    let model = prima_kernels::Model::open(path)?;
+    prima_kernels::Tokenizer::from_metadata(&model.file.metadata)?;
+    Ok(model.config.arch.name().to_string())
+}
+
+fn add_model(
+    st: &AppState,
+    path: PathBuf,
+    name: Option<String>,
+    arch: String,
+    size: u64,
+    tx: &ProgressTx,
+) -> anyhow::Result<ModelEntry> {
+    let sha256 = catalog::hash_file(
+        &path,
+        |done, total| {
+            let _ = tx.send(
+                json!({"event": "progress", "stage": "hashing", "done": done, "total": total}),
+            );
+        },
+        || !tx.is_closed(),
+    )?;
+    let name = name.unwrap_or_else(|| match catalog::by_sha256(&sha256) {
+        Some(c) => c.name.to_string(),
+        None => store::name_from_path(&path),
+    });
+    if let Some(old) = st.store.model(&name)? {
+        if old.sha256 != sha256 {
+            anyhow::bail!(
+                "a different model is already registered as '{name}' ({}); pick another name with --name or remove it first",
+                old.path.display()
+            );
+        }
+    }
+    let entry = ModelEntry {
+        name,
+        path,
+        sha256,
+        size,
+        arch,
+        added: now_secs(),
+    };
+    st.store.put_model(&entry)?;
+    tracing::info!(model = %entry.name, path = %entry.path.display(), "model registered");
+    Ok(entry)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PullRequest {
+    name: String,
+}
+
+async fn api_pull_model(State(st): St, body: Result<Bytes, BytesRejection>) -> Response {
+    let r: PullRequest = match parse_body(body) {
+        Ok(r) => r,
+        Err(e) => return e.into_response(),
+    };
+    let Some(model) = catalog::find(&r.name) else {
+        return ApiError::new(
+            StatusCode::NOT_FOUND,
+            "invalid_request_error",
+            format!(
+                "'{}' is not in the built-in catalog (known: {})",
+                r.name,
+                catalog::names()
+            ),
+        )
+        .code("model_not_found")
+        .into_response();
+    };
+    let (tx, rx) = unbounded_channel();
+    tokio::spawn(async move {
+        let res = pull(&st, model, &tx).await;
+        send_result(&tx, res);
+    });
+    progress_response(rx)
+}
+
+async fn pull(
+    st: &Arc<AppState>,
+    model: &'static catalog::CatalogModel,
+    tx: &ProgressTx,
+) -> anyhow::Result<ModelEntry> {
+    let dest = st.cfg.models_dir();
+    let mut dirs = vec![dest.clone()];
+    dirs.extend(prima_kernels::models_dir());
+    let _ = tx.send(json!({"event": "progress", "stage": "looking for a local copy", "done": 0, "total": model.size}));
+    let local = tokio::task::spawn_blocking(move || catalog::find_local(model, &dirs)).await?;
+    let path = match local {
+        Some(p) => p,
+        None => {
+            let tx2 = tx.clone();
+            let tx3 = tx.clone();
+            catalog::fetch(
+                model,
+                &st.cfg.catalog.index_url,
+                &dest,
+                move |p| {
+                    let _ = tx2.send(json!({"event": "progress", "stage": p.stage, "done": p.done, "total": p.total}));
+                },
+                move || !tx3.is_closed(),
+            )
+            .await?
+        }
+    };
+    let arch = {
+        let p = path.clone();
+        tokio::task::spawn_blocking(move || verify_gguf(&p)).await??
+    };
+    let entry = ModelEntry {
+        name: model.name.to_string(),
+        path,
+        sha256: model.sha256.to_string(),
+        size: model.size,
+        arch,
+        added: now_secs(),
+    };
+    st.store.put_model(&entry)?;
+    tracing::info!(model = %entry.name, path = %entry.path.display(), "model pulled and registered");
+    Ok(entry)
+}

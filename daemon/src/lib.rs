@@ -1,0 +1,10 @@
+//! primad as a library: the service (`serve`), its HTTP API, the durable
+//! store, the inference worker and the model catalog. The binary in
+//! `main.rs` adds the command line and the engine tools.
+
+pub mod api;
+pub mod catalog;
+pub mod error;
+pub mod serve;
+pub mod store;
+pub mod worker;

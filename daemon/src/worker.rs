@@ -1,0 +1,354 @@
+//! The inference worker: one OS thread that owns the loaded model and answers
+//! queued requests one at a time (the forward pass itself runs on the
+//! kernels' worker pool, so one request at a time already uses every core).
+//!
+//! Admission is a semaphore with `queue_limit + 1` permits (the running
+//! request plus those waiting): a request that finds none left gets HTTP 429
+//! at once instead of piling up. A request whose client has gone (its event
+//! receiver dropped) is skipped if still queued and stops at the next token
+//! if running.
+
+use std::{
+    sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        mpsc, Arc, Mutex,
+    },
+    time::Instant,
+};
+
+use axum::http::StatusCode;
+use prima_kernels::{
+    engine::{self, FinishReason, GenerateParams},
+    model::ModelError,
+    tokenizer::chat::Message,
+    Model, Sampler, SamplerConfig, Tokenizer,
+};
+use tokio::sync::{mpsc::UnboundedSender, OwnedSemaphorePermit, Semaphore};
+
+use crate::{error::ApiError, store::ModelEntry};
+
+pub enum Prompt {
+    /// Messages rendered with the model's chat template.
+    Chat(Vec<Message>),
+    /// Text taken literally (BOS added as the model asks).
+    Raw(String),
+}
+
+pub struct GenRequest {
+    pub prompt: Prompt,
+    /// None: the configured default, capped by the context left.
+    pub max_tokens: Option<usize>,
+    pub stop: Vec<String>,
+    pub sampler: SamplerConfig,
+}
+
+#[derive(Debug)]
+pub enum Event {
+    /// The prompt fits and generation began.
+    Started {
+        prompt_tokens: usize,
+    },
+    Text(String),
+    Done {
+        finish: &'static str,
+        prompt_tokens: usize,
+        completion_tokens: usize,
+    },
+    Failed(ApiError),
+}
+
+struct Job {
+    model: ModelEntry,
+    req: GenRequest,
+    events: UnboundedSender<Event>,
+    _permit: OwnedSemaphorePermit,
+}
+
+#[derive(Default)]
+pub struct Stats {
+    pub completed: AtomicU64,
+    pub cancelled: AtomicU64,
+    pub failed: AtomicU64,
+    pub rejected: AtomicU64,
+    pub running: AtomicU64,
+    pub prompt_tokens: AtomicU64,
+    pub completion_tokens: AtomicU64,
+}
+
+#[derive(Clone, Default, serde::Serialize)]
+pub struct Loaded {
+    pub name: String,
+    pub arch: String,
+    pub n_layers: usize,
+    pub ctx: usize,
+}
+
+pub struct Settings {
+    pub ctx: usize,
+    pub default_max_tokens: usize,
+    pub queue_limit: usize,
+}
+
+pub struct Worker {
+    jobs: Mutex<Option<mpsc::Sender<Job>>>,
+    sem: Arc<Semaphore>,
+    pub stats: Arc<Stats>,
+    pub loaded: Arc<Mutex<Option<Loaded>>>,
+    /// Set at shutdown once the grace period is over: running requests stop.
+    pub abort: Arc<AtomicBool>,
+    pub queue_limit: usize,
+    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+impl Worker {
+    pub fn start(settings: Settings) -> Arc<Self> {
+        let (tx, rx) = mpsc::channel::<Job>();
+        let stats = Arc::new(Stats::default());
+        let loaded = Arc::new(Mutex::new(None));
+        let abort = Arc::new(AtomicBool::new(false));
+        let queue_limit = settings.queue_limit;
+        let thread = {
+            let (stats, loaded, abort) = (stats.clone(), loaded.clone(), abort.clone());
+            std::thread::Builder::new()
+                .name("prima-infer".into())
+                .spawn(move || run(rx, settings, &stats, &loaded, &abort))
+                .expect("spawning the inference thread")
+        };
+        Arc::new(Self {
+            jobs: Mutex::new(Some(tx)),
+            sem: Arc::new(Semaphore::new(queue_limit + 1)),
+            stats,
+            loaded,
+            abort,
+            queue_limit,
+            thread: Mutex::new(Some(thread)),
+        })
+    }
+
+    /// Queues a request; `Err` is the 429 (or 503 when shutting down).
+    pub fn submit(
+        &self,
+        model: ModelEntry,
+        req: GenRequest,
+        events: UnboundedSender<Event>,
+    ) -> Result<(), ApiError> {
+        let permit = self.sem.clone().try_acquire_owned().map_err(|_| {
+            self.stats.rejected.fetch_add(1, Ordering::Relaxed);
+            ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limit_error",
+                format!(
+                    "the request queue is full ({} waiting); try again shortly",
+                    self.queue_limit
+                ),
+            )
+            .code("queue_full")
+        })?;
+        let job = Job {
+            model,
+            req,
+            events,
+            _permit: permit,
+        };
+        let jobs = self.jobs.lock().expect("jobs lock");
+        match jobs.as_ref().map(|tx| tx.send(job).is_ok()) {
+            Some(true) => Ok(()),
+            _ => Err(ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "server_error",
+                "primad is shutting down",
+            )),
+        }
+    }
+
+    /// Requests waiting (not counting the running one).
+    pub fn queued(&self) -> usize {
+        let in_use = self.queue_limit + 1 - self.sem.available_permits();
+        in_use.saturating_sub(self.stats.running.load(Ordering::Relaxed) as usize)
+    }
+
+    /// Stops taking jobs, lets queued ones drain and waits for the thread.
+    pub fn stop(&self) {
+        self.jobs.lock().expect("jobs lock").take();
+        if let Some(t) = self.thread.lock().expect("thread lock").take() {
+            let _ = t.join();
+        }
+    }
+}
+
+struct LoadedModel {
+    entry: ModelEntry,
+    model: Model,
+    tok: Tokenizer,
+}
+
+fn run(
+    rx: mpsc::Receiver<Job>,
+    settings: Settings,
+    stats: &Stats,
+    loaded_info: &Mutex<Option<Loaded>>,
+    abort: &AtomicBool,
+) {
+    let mut loaded: Option<LoadedModel> = None;
+    while let Ok(job) = rx.recv() {
+        if job.events.is_closed() {
+            stats.cancelled.fetch_add(1, Ordering::Relaxed);
+            continue;
+        }
+        if abort.load(Ordering::Relaxed) {
+            let _ = job.events.send(Event::Failed(ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "server_error",
+                "primad is shutting down",
+            )));
+            stats.cancelled.fetch_add(1, Ordering::Relaxed);
+            continue;
+        }
+        stats.running.fetch_add(1, Ordering::Relaxed);
+        let outcome = serve(&mut loaded, &job, &settings, stats, abort);
+        stats.running.fetch_sub(1, Ordering::Relaxed);
+        *loaded_info.lock().expect("status lock") = loaded.as_ref().map(|l| Loaded {
+            name: l.entry.name.clone(),
+            arch: l.model.config.arch.name().to_string(),
+            n_layers: l.model.config.n_layer,
+            ctx: settings.ctx.min(l.model.config.ctx_train),
+        });
+        match outcome {
+            Ok(true) => stats.completed.fetch_add(1, Ordering::Relaxed),
+            Ok(false) => stats.cancelled.fetch_add(1, Ordering::Relaxed),
+            Err(e) => {
+                tracing::warn!(error = %e, "request failed");
+                let _ = job.events.send(Event::Failed(e));
+                stats.failed.fetch_add(1, Ordering::Relaxed)
+            }
+        };
+    }
+}
+
+fn load(entry: &ModelEntry) -> Result<LoadedModel, ApiError> {
+    let t = Instant::now();
+    let model = Model::open(&entry.path).map_err(|e| {
+        ApiError::internal(format!(
+            "model '{}' ({}) cannot be loaded: {e}",
+            entry.name,
+            entry.path.display()
+        ))
+        .code("model_load_failed")
+    })?;
+    let tok = Tokenizer::from_metadata(&model.file.metadata).map_err(|e| {
+        ApiError::internal(format!(
+            "the tokenizer of model '{}' cannot be loaded: {e}",
+            entry.name
+        ))
+        .code("model_load_failed")
+    })?;
+    tracing::info!(model = %entry.name, elapsed = ?t.elapsed(), "model loaded");
+    Ok(LoadedModel {
+        entry: entry.clone(),
+        model,
+        tok,
+    })
+}
+
+/// Runs one job; Ok(false) when it was cancelled.
+fn serve(
+    loaded: &mut Option<LoadedModel>,
+    job: &Job,
+    settings: &Settings,
+    stats: &Stats,
+    abort: &AtomicBool,
+) -> Result<bool, ApiError> {
+    let stale = loaded
+        .as_ref()
+        .is_none_or(|l| l.entry.path != job.model.path || l.entry.sha256 != job.model.sha256);
+    if stale {
+        *loaded = None; // unmap the old model before mapping the new one
+        *loaded = Some(load(&job.model)?);
+    }
+    let lm = loaded.as_ref().expect("loaded above");
+    let (model, tok) = (&lm.model, &lm.tok);
+    let (text, parse_special) = match &job.req.prompt {
+        Prompt::Chat(messages) => (
+            tok.apply_chat_template(messages)
+                .map_err(|e| ApiError::bad_request(format!("chat template: {e}")))?,
+            true,
+        ),
+        Prompt::Raw(s) => (s.clone(), false),
+    };
+    let ids = tok
+        .encode(&text, true, parse_special)
+        .map_err(|e| ApiError::bad_request(format!("tokenizing the prompt: {e}")))?;
+    if ids.is_empty() {
+        return Err(ApiError::bad_request("the prompt is empty").param("prompt"));
+    }
+    let ctx = settings.ctx.min(model.config.ctx_train);
+    if ids.len() >= ctx {
+        return Err(ApiError::bad_request(format!(
+            "the prompt is {} tokens but the context of model '{}' is {ctx} tokens \
+             (prompt and answer together); shorten the prompt",
+            ids.len(),
+            lm.entry.name
+        ))
+        .code("context_length_exceeded")
+        .param("messages"));
+    }
+    let room = ctx - ids.len();
+    let max_tokens = job
+        .req
+        .max_tokens
+        .unwrap_or(settings.default_max_tokens)
+        .min(room);
+    if job
+        .events
+        .send(Event::Started {
+            prompt_tokens: ids.len(),
+        })
+        .is_err()
+    {
+        return Ok(false);
+    }
+    let params = GenerateParams {
+        max_tokens,
+        stop: job.req.stop.clone(),
+        ctx,
+    };
+    let mut sampler = Sampler::new(job.req.sampler.clone());
+    let mut cancelled = false;
+    let g = engine::generate(model, tok, &ids, &params, &mut sampler, |piece| {
+        if abort.load(Ordering::Relaxed) || job.events.send(Event::Text(piece.into())).is_err() {
+            cancelled = true;
+            return false;
+        }
+        true
+    })
+    .map_err(|e: ModelError| ApiError::internal(format!("generation failed: {e}")))?;
+    stats
+        .prompt_tokens
+        .fetch_add(ids.len() as u64, Ordering::Relaxed);
+    stats
+        .completion_tokens
+        .fetch_add(g.ids.len() as u64, Ordering::Relaxed);
+    if cancelled {
+        tracing::info!(generated = g.ids.len(), "request cancelled");
+        return Ok(false);
+    }
+    let finish = match g.finish {
+        FinishReason::Eog | FinishReason::Stop => "stop",
+        FinishReason::Length | FinishReason::Context => "length",
+    };
+    tracing::info!(
+        prompt_tokens = ids.len(),
+        generated = g.ids.len(),
+        decode_tok_s = format!(
+            "{:.1}",
+            g.ids.len() as f64 / g.decode_time.as_secs_f64().max(1e-9)
+        ),
+        "request done"
+    );
+    let _ = job.events.send(Event::Done {
+        finish,
+        prompt_tokens: ids.len(),
+        completion_tokens: g.ids.len(),
+    });
+    Ok(true)
+}
