@@ -484,13 +484,14 @@ fn status(api: &Api, json: bool) -> Result<()> {
     }
     let l = &v["load"];
     println!(
-        "load    running {}, queued {}/{}; completed {}, cancelled {}, failed {}, rejected {}",
+        "load    running {}, queued {}/{}; completed {}, cancelled {}, failed {}, invalid {}, rejected {}",
         l["running"],
         l["queued"],
         l["queue_limit"],
         l["completed"],
         l["cancelled"],
         l["failed"],
+        l["invalid"],
         l["rejected"]
     );
     Ok(())

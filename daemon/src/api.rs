@@ -662,6 +662,7 @@ async fn status(State(st): St) -> Result<Json<Value>, ApiError> {
             "completed": s.completed.load(Ordering::Relaxed),
             "cancelled": s.cancelled.load(Ordering::Relaxed),
             "failed": s.failed.load(Ordering::Relaxed),
+            "invalid": s.invalid.load(Ordering::Relaxed),
             "rejected": s.rejected.load(Ordering::Relaxed),
             "prompt_tokens": s.prompt_tokens.load(Ordering::Relaxed),
             "completion_tokens": s.completion_tokens.load(Ordering::Relaxed),

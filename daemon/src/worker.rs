@@ -68,7 +68,11 @@ struct Job {
 pub struct Stats {
     pub completed: AtomicU64,
     pub cancelled: AtomicU64,
+    /// Requests the engine could not answer (5xx).
     pub failed: AtomicU64,
+    /// Requests refused for what they asked (4xx), e.g. too long a prompt.
+    pub invalid: AtomicU64,
+    /// Requests turned away because the queue was full (429).
     pub rejected: AtomicU64,
     pub running: AtomicU64,
     pub prompt_tokens: AtomicU64,
@@ -206,7 +210,8 @@ fn run(
         }
         stats.running.fetch_add(1, Ordering::Relaxed);
         let outcome = serve(&mut loaded, &job, &settings, stats, abort);
-        stats.running.fetch_sub(1, Ordering::Relaxed);
+        // Counters are settled before the client hears the end, so a status
+        // read after an answer already counts it.
         *loaded_info.lock().expect("status lock") = loaded.as_ref().map(|l| Loaded {
             name: l.entry.name.clone(),
             arch: l.model.config.arch.name().to_string(),
@@ -214,14 +219,27 @@ fn run(
             ctx: settings.ctx.min(l.model.config.ctx_train),
         });
         match outcome {
-            Ok(true) => stats.completed.fetch_add(1, Ordering::Relaxed),
-            Ok(false) => stats.cancelled.fetch_add(1, Ordering::Relaxed),
-            Err(e) => {
-                tracing::warn!(error = %e, "request failed");
-                let _ = job.events.send(Event::Failed(e));
-                stats.failed.fetch_add(1, Ordering::Relaxed)
+            Ok(Some(done)) => {
+                stats.completed.fetch_add(1, Ordering::Relaxed);
+                stats.running.fetch_sub(1, Ordering::Relaxed);
+                let _ = job.events.send(done);
             }
-        };
+            Ok(None) => {
+                stats.cancelled.fetch_add(1, Ordering::Relaxed);
+                stats.running.fetch_sub(1, Ordering::Relaxed);
+            }
+            Err(e) => {
+                if e.status.is_client_error() {
+                    tracing::info!(error = %e, "request refused");
+                    stats.invalid.fetch_add(1, Ordering::Relaxed);
+                } else {
+                    tracing::warn!(error = %e, "request failed");
+                    stats.failed.fetch_add(1, Ordering::Relaxed);
+                }
+                stats.running.fetch_sub(1, Ordering::Relaxed);
+                let _ = job.events.send(Event::Failed(e));
+            }
+        }
     }
 }
 
@@ -250,14 +268,14 @@ fn load(entry: &ModelEntry) -> Result<LoadedModel, ApiError> {
     })
 }
 
-/// Runs one job; Ok(false) when it was cancelled.
+/// Runs one job; returns the final event to send, None when it was cancelled.
 fn serve(
     loaded: &mut Option<LoadedModel>,
     job: &Job,
     settings: &Settings,
     stats: &Stats,
     abort: &AtomicBool,
-) -> Result<bool, ApiError> {
+) -> Result<Option<Event>, ApiError> {
     let stale = loaded
         .as_ref()
         .is_none_or(|l| l.entry.path != job.model.path || l.entry.sha256 != job.model.sha256);
@@ -305,7 +323,7 @@ fn serve(
         })
         .is_err()
     {
-        return Ok(false);
+        return Ok(None);
     }
     let params = GenerateParams {
         max_tokens,
@@ -330,7 +348,7 @@ fn serve(
         .fetch_add(g.ids.len() as u64, Ordering::Relaxed);
     if cancelled {
         tracing::info!(generated = g.ids.len(), "request cancelled");
-        return Ok(false);
+        return Ok(None);
     }
     let finish = match g.finish {
         FinishReason::Eog | FinishReason::Stop => "stop",
@@ -345,10 +363,9 @@ fn serve(
         ),
         "request done"
     );
-    let _ = job.events.send(Event::Done {
+    Ok(Some(Event::Done {
         finish,
         prompt_tokens: ids.len(),
         completion_tokens: g.ids.len(),
-    });
-    Ok(true)
+    }))
 }
