@@ -183,8 +183,16 @@ fn check_generation(model: &str) -> Vec<String> {
     report
 }
 
-/// Cases that contain no tie and so must match llama.cpp in full.
+/// Cases that contain no tie and so must match llama.cpp in full. The
+/// SIMD kernels sum in the order of llama.cpp's x86 kernels, which made the
+/// references; the portable scalar kernels sum in ggml's reference order,
+/// last-bit differences these models amplify, so with `PRIMA_SIMD=off` only
+/// the tie rule of [`check_generation`] applies.
 fn assert_full(report: &[String], labels: &[&str]) {
+    if !prima_kernels::cpu::simd_enabled() {
+        eprintln!("scalar kernels: full-match cases checked by the tie rule only");
+        return;
+    }
     for full in labels {
         let line = report
             .iter()
@@ -218,8 +226,10 @@ fn gemma3_greedy_generation_matches_llama_cpp() {
     assert_full(
         &r,
         &[
+            "reference:The capital of France is",
             "reference:def fibonacci(n):",
             "reference:The quick brown fox",
+            "golden:long-prompt-128",
         ],
     );
 }

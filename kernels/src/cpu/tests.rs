@@ -87,3 +87,25 @@ fn four_row_kernels_match_the_scalar_reference() {
         assert!((two[1] - quant::vec_dot(ty, w, &acts, 5)).abs() <= 2e-5 * two[1].abs().max(1.0));
     }
 }
+
+#[test]
+fn softmax_row_is_the_same_with_and_without_fma() {
+    if !avx2_available() {
+        return; // nothing to compare against: the portable path is the only one
+    }
+    let mut rng = Rng(7);
+    for len in [1usize, 2, 3, 5, 16, 17, 40, 100] {
+        for first in [0usize, 3, 15] {
+            let row: Vec<f32> = (0..len).map(|_| rng.f32() * 20.0 - 10.0).collect();
+            let mut a = row.clone();
+            let mut b = row.clone();
+            x86_64::softmax_row(&mut a, first);
+            crate::model::ops::softmax_row_body(&mut b, first);
+            let (ab, bb): (Vec<u32>, Vec<u32>) = (
+                a.iter().map(|v| v.to_bits()).collect(),
+                b.iter().map(|v| v.to_bits()).collect(),
+            );
+            assert_eq!(ab, bb, "len {len} first {first}: {a:?} vs {b:?}");
+        }
+    }
+}

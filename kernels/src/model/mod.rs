@@ -335,7 +335,7 @@ impl Model {
                     s * scale
                 })
                 .collect();
-            ops::softmax(&mut scores);
+            crate::cpu::softmax_row(&mut scores, first);
             out.fill(0.0);
             for (j, &pj) in (first..=p).zip(&scores) {
                 let pj = f16::from_f32(pj).to_f32();
@@ -363,6 +363,8 @@ impl Model {
                 .iter_mut()
                 .zip(&up)
                 .for_each(|(g, u)| *g = ops::gelu(*g) * u),
+            // libm's expf here: ggml's vector expf (as in the softmax) made
+            // SmolLM2's greedy text part from llama.cpp's sooner, not later.
             Arch::Llama | Arch::Qwen2 => gate
                 .iter_mut()
                 .zip(&up)

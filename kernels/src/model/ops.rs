@@ -95,6 +95,73 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     acc.iter().sum::<f32>() + tail
 }
 
+/// ggml's vector `expf` (its AVX-512 routine, adapted from Arm's optimized
+/// routines: max error 1.45 ulp + 0.5), computed one lane at a time with the
+/// same fused operations, so results match llama.cpp's bit for bit. ggml runs
+/// softmax through it in 16-lane chunks.
+#[inline(always)]
+pub fn ggml_expf(x: f32) -> f32 {
+    let c = |bits: u32| f32::from_bits(bits);
+    let r = c(0x4b40_0000); // 0x1.8p23: adding it rounds to an integer
+    let z = x.mul_add(c(0x3fb8_aa3b), r); // x * log2(e)
+    let n = z - r;
+    let b = (-n).mul_add(c(0x35bf_be8e), (-n).mul_add(c(0x3f31_7200), x));
+    if n.abs() > 192.0 {
+        return if n <= 0.0 { 0.0 } else { f32::INFINITY };
+    }
+    if n.is_nan() {
+        return n;
+    }
+    let u = b * b;
+    let j = c(0x3c07_2010)
+        .mul_add(b, c(0x3d2b_9f17))
+        .mul_add(u, c(0x3e2a_af33).mul_add(b, c(0x3eff_fedb)))
+        .mul_add(u, c(0x3f7f_fff6).mul_add(b, 1.0));
+    // _mm512_scalef_ps: j * 2^n with one rounding (exact in f64 first).
+    (j as f64 * 2f64.powi(n as i32)) as f32
+}
+
+/// Softmax of one attention row whose first entry sits at cache cell
+/// `first`, as ggml computes it over a row padded to whole 16-lane chunks
+/// (masked cells add zeros): every value through [`ggml_expf`], each chunk
+/// summed in `_mm512_reduce_add_ps`'s tree order, chunk sums added in
+/// double.
+#[inline(always)]
+pub fn softmax_row_body(x: &mut [f32], first: usize) {
+    let max = x.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+    for v in x.iter_mut() {
+        *v = ggml_expf(*v - max);
+    }
+    let mut sum = 0f64;
+    let mut lane = [0f32; 16];
+    let mut at = 0;
+    let mut cell = first;
+    while at < x.len() {
+        lane.fill(0.0);
+        let start = cell % 16;
+        let take = (16 - start).min(x.len() - at);
+        lane[start..start + take].copy_from_slice(&x[at..at + take]);
+        sum += reduce16(&lane) as f64;
+        at += take;
+        cell += take;
+    }
+    let inv = (1.0 / sum) as f32;
+    for v in x.iter_mut() {
+        *v *= inv;
+    }
+}
+
+/// `_mm512_reduce_add_ps`: halves added pairwise down to one value.
+#[inline(always)]
+fn reduce16(a: &[f32; 16]) -> f32 {
+    let mut t3 = [0f32; 8];
+    for i in 0..8 {
+        t3[i] = a[i + 8] + a[i];
+    }
+    let t6 = [t3[4] + t3[0], t3[5] + t3[1], t3[6] + t3[2], t3[7] + t3[3]];
+    (t6[0] + t6[2]) + (t6[1] + t6[3])
+}
+
 /// Softmax in place; sums in double like ggml.
 pub fn softmax(x: &mut [f32]) {
     let max = x.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
@@ -187,6 +254,40 @@ mod tests {
             let n1: f32 = x.iter().map(|v| v * v).sum();
             assert!((n0 - n1).abs() < 1e-3, "{n0} {n1}");
             assert_ne!(x, orig);
+        }
+    }
+
+    #[test]
+    fn ggml_expf_is_close_to_exp_and_saturates() {
+        let mut x = -103.0f32;
+        while x < 88.0 {
+            let (got, want) = (ggml_expf(x), (x as f64).exp());
+            let ulp = (want as f32).abs() * f32::EPSILON;
+            if want > 1e-37 {
+                assert!(
+                    (got as f64 - want).abs() <= 2.0 * ulp as f64,
+                    "{x}: {got} vs {want}"
+                );
+            }
+            x += 0.37;
+        }
+        assert_eq!(ggml_expf(f32::NEG_INFINITY), 0.0);
+        assert_eq!(ggml_expf(-1000.0), 0.0);
+        assert_eq!(ggml_expf(1000.0), f32::INFINITY);
+        assert_eq!(ggml_expf(0.0), 1.0);
+        assert!(ggml_expf(f32::NAN).is_nan());
+    }
+
+    #[test]
+    fn ggml_softmax_agrees_with_the_plain_one() {
+        let mut a: Vec<f32> = (0..37)
+            .map(|i| ((i * 7919) % 23) as f32 * 0.3 - 3.0)
+            .collect();
+        let mut b = a.clone();
+        softmax(&mut a);
+        softmax_row_body(&mut b, 5);
+        for (x, y) in a.iter().zip(&b) {
+            assert!((x - y).abs() < 1e-6, "{x} {y}");
         }
     }
 
