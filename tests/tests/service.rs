@@ -651,3 +651,55 @@ fn models_pull_downloads_verifies_and_registers() {
     drop(index);
     ok(d.ctl().args(["models", "pull", "smollm2-135m"]));
 }
+
+#[test]
+fn chat_keeps_the_conversation_and_bench_reports_speeds() {
+    use std::io::Write;
+    let d = daemon_with_smollm2("");
+    let mut child = d
+        .ctl()
+        .args(["chat", "-t", "0", "-n", "12"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"My name is Ada.\nWhat is my name?\n/exit\n")
+        .unwrap();
+    let o = child.wait_with_output().unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let s = d.status();
+    assert_eq!(s["load"]["completed"], 2);
+    // The second request carried the first exchange: its prompt was longer
+    // than the first question's alone, twice over.
+    let first = generate_ids_len(&model(SMOLLM2), "My name is Ada.");
+    let total = s["load"]["prompt_tokens"].as_u64().unwrap();
+    assert!(
+        total > 2 * first + 12,
+        "prompt tokens {total}, first {first}"
+    );
+    let out = stdout(&o);
+    assert_eq!(out.lines().filter(|l| !l.is_empty()).count(), 2, "{out}");
+
+    let b = ok(d
+        .ctl()
+        .args(["bench", "--requests", "2", "--max-tokens", "16", "--json"]));
+    let v: Value = serde_json::from_str(b.trim()).unwrap();
+    assert!(v["decode_tok_s_median"].as_f64().unwrap() > 1.0, "{v}");
+    assert!(v["ttft_ms_median"].as_f64().unwrap() > 0.0, "{v}");
+}
+
+/// Prompt tokens of a one-message chat, as primad generate counts them.
+fn generate_ids_len(m: &std::path::Path, prompt: &str) -> u64 {
+    let o = run(Command::new(bin("primad"))
+        .args(["generate", "--chat", "-n", "1", "--ids", "-m"])
+        .arg(m)
+        .args(["-p", prompt]));
+    let line = stderr(&o).lines().last().unwrap().to_string();
+    let v: Value = serde_json::from_str(&line).unwrap();
+    v["prompt_ids"].as_array().unwrap().len() as u64
+}
