@@ -4,6 +4,7 @@
 
 pub mod api;
 pub mod catalog;
+pub mod cluster;
 pub mod error;
 pub mod serve;
 pub mod store;

@@ -54,7 +54,15 @@ async fn serve(cfg: Config) -> Result<()> {
     let addr: SocketAddr = cfg.api_addr().map_err(|m| anyhow!("{m}"))?;
     let state_dir = cfg.state_dir();
     let store = Arc::new(Store::open(&state_dir)?);
-    let node_id = store.peer_id()?.to_string();
+    let (key, fresh) = store.identity_for_home(&crate::store::home_fingerprint(&state_dir))?;
+    if fresh {
+        tracing::warn!(
+            state_dir = %state_dir.display(),
+            "this state dir was copied from another machine or place: this device takes a new identity \
+             (it must be paired again) so that two devices never share one"
+        );
+    }
+    let node_id = key.public().to_peer_id().to_string();
     let node_name = if cfg.node.name.is_empty() {
         hostname()
     } else {

@@ -47,6 +47,7 @@ pub struct Store {
 }
 
 const IDENTITY: &[u8] = b"identity";
+const IDENTITY_HOME: &[u8] = b"identity-home";
 const PROFILE: &[u8] = b"profile";
 
 impl Store {
@@ -109,6 +110,33 @@ impl Store {
                 Ok(key)
             }
             Err(_) => self.identity(),
+        }
+    }
+
+    /// The identity, unless the state dir was copied: `home` fingerprints
+    /// the machine and place this state belongs to (see [`home_fingerprint`]).
+    /// When the stored fingerprint differs, this copy gets a fresh identity,
+    /// so two devices never share one; returns whether that happened.
+    pub fn identity_for_home(&self, home: &str) -> Result<(Keypair, bool), StoreError> {
+        let stored = self.meta.get(IDENTITY_HOME)?;
+        let key = self.identity()?;
+        match stored {
+            Some(h) if h.as_ref() == home.as_bytes() => Ok((key, false)),
+            None => {
+                self.meta.insert(IDENTITY_HOME, home.as_bytes())?;
+                self.db.flush()?;
+                Ok((key, false))
+            }
+            Some(_) => {
+                let fresh = Keypair::generate_ed25519();
+                let bytes = fresh
+                    .to_protobuf_encoding()
+                    .expect("ed25519 keys always encode");
+                self.meta.insert(IDENTITY, bytes)?;
+                self.meta.insert(IDENTITY_HOME, home.as_bytes())?;
+                self.db.flush()?;
+                Ok((fresh, true))
+            }
         }
     }
 
@@ -188,6 +216,25 @@ fn decode_model(key: &[u8], v: &[u8]) -> Result<ModelEntry, StoreError> {
     })
 }
 
+/// Where this state lives: the machine (its machine-id, else host name) and
+/// the state dir's canonical path. A copied state dir differs in one of them.
+pub fn home_fingerprint(state_dir: &Path) -> String {
+    let machine = ["/etc/machine-id", "/var/lib/dbus/machine-id"]
+        .iter()
+        .find_map(|p| std::fs::read_to_string(p).ok())
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .or_else(|| std::env::var("COMPUTERNAME").ok())
+        .or_else(|| {
+            std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .ok()
+                .map(|s| s.trim().to_string())
+        })
+        .unwrap_or_default();
+    let dir = std::fs::canonicalize(state_dir).unwrap_or_else(|_| state_dir.to_path_buf());
+    format!("{machine}:{}", dir.display())
+}
+
 /// Whether `name` is an acceptable model name: 1-64 of `a-z 0-9 . _ -`,
 /// starting with a letter or digit.
 pub fn valid_model_name(name: &str) -> bool {
@@ -246,6 +293,25 @@ mod tests {
         assert_eq!(id, again);
         let other = tempfile::tempdir().unwrap();
         assert_ne!(id, Store::open(other.path()).unwrap().peer_id().unwrap());
+    }
+
+    #[test]
+    fn a_copied_state_dir_gets_a_new_identity() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        let (a, fresh) = s.identity_for_home("m1:/var/lib/prima").unwrap();
+        assert!(!fresh);
+        let (again, fresh) = s.identity_for_home("m1:/var/lib/prima").unwrap();
+        assert!(!fresh);
+        assert_eq!(a.public(), again.public());
+        // The same bytes seen from another machine (or path): a new device.
+        let (b, fresh) = s.identity_for_home("m2:/var/lib/prima").unwrap();
+        assert!(fresh);
+        assert_ne!(a.public(), b.public());
+        assert_eq!(s.peer_id().unwrap(), b.public().to_peer_id());
+        let (c, fresh) = s.identity_for_home("m2:/var/lib/prima").unwrap();
+        assert!(!fresh);
+        assert_eq!(b.public(), c.public());
     }
 
     #[test]

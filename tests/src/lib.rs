@@ -13,6 +13,8 @@ use std::{
 
 use serde_json::Value;
 
+pub mod netns;
+
 /// The optimised binaries under test (`cargo build --release --bins`).
 pub fn bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("current exe");

@@ -1,0 +1,159 @@
+//! Several "hosts" on one machine: network namespaces joined by a bridge
+//! that lives in a namespace of its own (see shared/design/test-hosts.md).
+//! Every name carries a per-run tag, so parallel or leaked runs never clash,
+//! and dropping the [`Hosts`] deletes every namespace it made, also when the
+//! test panics. Addresses (10.77.0.0/24) exist only inside these namespaces.
+
+use std::process::{Command, Output};
+
+use anyhow::{bail, Context, Result};
+
+pub struct Hosts {
+    tag: String,
+    n: usize,
+    made: Vec<String>,
+}
+
+fn ip(args: &[&str]) -> Result<Output> {
+    let o = Command::new("ip")
+        .args(args)
+        .output()
+        .context("running `ip` (iproute2 is needed for the multi-host tests)")?;
+    if !o.status.success() {
+        bail!(
+            "ip {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&o.stderr).trim()
+        );
+    }
+    Ok(o)
+}
+
+/// Whether this process may create network namespaces (root).
+pub fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+impl Hosts {
+    /// Creates `n` hosts, `h0..h{n-1}`, with addresses 10.77.0.1.. on one bridge.
+    pub fn create(n: usize) -> Result<Self> {
+        if !is_root() {
+            bail!("the multi-host tests create network namespaces and must run as root");
+        }
+        let tag = format!(
+            "p{}{:04x}",
+            std::process::id() % 100_000,
+            rand_u16() ^ (n as u16)
+        );
+        let mut h = Self {
+            tag,
+            n,
+            made: vec![],
+        };
+        let br = h.bridge();
+        ip(&["netns", "add", &br])?;
+        h.made.push(br.clone());
+        ip(&["-n", &br, "link", "set", "lo", "up"])?;
+        ip(&["-n", &br, "link", "add", "br0", "type", "bridge"])?;
+        ip(&["-n", &br, "link", "set", "br0", "up"])?;
+        for i in 0..n {
+            let ns = h.ns(i);
+            ip(&["netns", "add", &ns])?;
+            h.made.push(ns.clone());
+            ip(&["-n", &ns, "link", "set", "lo", "up"])?;
+            let peer = format!("vb{i}");
+            ip(&[
+                "-n", &ns, "link", "add", "eth0", "type", "veth", "peer", "name", &peer, "netns",
+                &br,
+            ])?;
+            ip(&[
+                "-n",
+                &ns,
+                "addr",
+                "add",
+                &format!("{}/24", h.addr(i)),
+                "dev",
+                "eth0",
+            ])?;
+            ip(&["-n", &ns, "link", "set", "eth0", "up", "multicast", "on"])?;
+            ip(&["-n", &br, "link", "set", &peer, "master", "br0"])?;
+            ip(&["-n", &br, "link", "set", &peer, "up"])?;
+        }
+        Ok(h)
+    }
+
+    pub fn len(&self) -> usize {
+        self.n
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.n == 0
+    }
+
+    fn bridge(&self) -> String {
+        format!("{}br", self.tag)
+    }
+
+    /// The namespace of host `i`.
+    pub fn ns(&self, i: usize) -> String {
+        format!("{}h{i}", self.tag)
+    }
+
+    /// Host `i`'s address on the bridge.
+    pub fn addr(&self, i: usize) -> String {
+        format!("10.77.0.{}", i + 1)
+    }
+
+    /// `program` to be run inside host `i`.
+    pub fn command(&self, i: usize, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.ns(i)]).arg(program);
+        c
+    }
+
+    /// Cuts host `i` off (its end of the veth down) or reconnects it.
+    pub fn set_link(&self, i: usize, up: bool) -> Result<()> {
+        ip(&[
+            "-n",
+            &self.ns(i),
+            "link",
+            "set",
+            "eth0",
+            if up { "up" } else { "down" },
+        ])?;
+        Ok(())
+    }
+}
+
+impl Drop for Hosts {
+    fn drop(&mut self) {
+        for ns in self.made.iter().rev() {
+            // Killing what still runs inside first makes the delete clean.
+            let _ = Command::new("ip")
+                .args(["netns", "pids", ns])
+                .output()
+                .map(|o| {
+                    for pid in String::from_utf8_lossy(&o.stdout).split_whitespace() {
+                        if let Ok(pid) = pid.parse::<i32>() {
+                            // SAFETY: kill(2) on a pid inside our own namespace.
+                            unsafe {
+                                libc::kill(pid, libc::SIGKILL);
+                            }
+                        }
+                    }
+                });
+            if let Err(e) = ip(&["netns", "del", ns]) {
+                eprintln!("warning: could not delete namespace {ns}: {e}");
+            }
+        }
+    }
+}
+
+fn rand_u16() -> u16 {
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    (t ^ (t >> 16)) as u16
+}

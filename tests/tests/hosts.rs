@@ -1,0 +1,66 @@
+//! The multi-host harness itself: namespaces, a daemon inside one, reached
+//! from another over the bridge, links cut and restored, and cleanup.
+
+use std::time::Duration;
+
+use prima_tests::{bin, netns::Hosts, run};
+
+fn curl_ok(h: &Hosts, from: usize, url: &str) -> bool {
+    run(h
+        .command(from, "curl")
+        .args(["-fs", "--max-time", "2", url]))
+    .status
+    .success()
+}
+
+#[test]
+fn a_daemon_in_one_host_is_reachable_from_another() {
+    let h = Hosts::create(2).expect("creating hosts");
+    let ns1 = h.ns(1);
+    let dir = tempfile::tempdir().unwrap();
+    // Off loopback the API needs a token.
+    std::fs::write(dir.path().join("primad.toml"), "[api]\ntoken = \"t\"\n").unwrap();
+    let mut daemon = h
+        .command(1, bin("primad"))
+        .arg("--state-dir")
+        .arg(dir.path())
+        .args(["--api-addr", &format!("{}:7340", h.addr(1))])
+        .env("PRIMAD_CONFIG", dir.path().join("primad.toml"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let url = format!("http://{}:7340/health", h.addr(1));
+    let mut up = false;
+    for _ in 0..100 {
+        if curl_ok(&h, 0, &url) {
+            up = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(up, "primad in {ns1} not reachable from host 0");
+    h.set_link(1, false).unwrap();
+    assert!(!curl_ok(&h, 0, &url), "a cut link must not answer");
+    h.set_link(1, true).unwrap();
+    let mut back = false;
+    for _ in 0..50 {
+        if curl_ok(&h, 0, &url) {
+            back = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(back, "restored link must answer again");
+    let _ = daemon.kill();
+    let _ = daemon.wait();
+    let names: Vec<String> = (0..h.len()).map(|i| h.ns(i)).collect();
+    drop(h);
+    let listed = String::from_utf8_lossy(
+        &run(std::process::Command::new("ip").args(["netns", "list"])).stdout,
+    )
+    .into_owned();
+    for n in names {
+        assert!(!listed.contains(&n), "namespace {n} leaked: {listed}");
+    }
+}
