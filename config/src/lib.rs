@@ -36,6 +36,7 @@ pub struct Config {
     pub sampling: Sampling,
     pub store: Store,
     pub catalog: Catalog,
+    pub cluster: Cluster,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -128,6 +129,36 @@ impl Default for Catalog {
     }
 }
 
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Cluster {
+    pub enabled: bool,
+    pub listen_port: u16,
+    pub mdns: bool,
+    pub interfaces: Vec<String>,
+    pub static_peers: Vec<String>,
+    pub open_household: bool,
+    pub heartbeat_ms: u64,
+    pub suspect_ms: u64,
+    pub dead_ms: u64,
+}
+
+impl Default for Cluster {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            listen_port: 7341,
+            mdns: true,
+            interfaces: vec![],
+            static_peers: vec![],
+            open_household: false,
+            heartbeat_ms: 200,
+            suspect_ms: 600,
+            dead_ms: 1200,
+        }
+    }
+}
+
 impl Config {
     /// Parses and validates TOML text; `origin` names it in errors.
     pub fn parse(text: &str, origin: &str) -> Result<Self, ConfigError> {
@@ -191,6 +222,14 @@ impl Config {
             || !(0.0..=1.0).contains(&self.sampling.min_p)
         {
             return Err("[sampling] top_p and min_p must be between 0 and 1".into());
+        }
+        let c = &self.cluster;
+        if c.heartbeat_ms == 0 || c.suspect_ms <= c.heartbeat_ms || c.dead_ms <= c.suspect_ms {
+            return Err(
+                "[cluster] needs 0 < heartbeat_ms < suspect_ms < dead_ms (a device is suspected \
+                 after missing some heartbeats, and dead later)"
+                    .into(),
+            );
         }
         if self.model.default.trim().is_empty() {
             return Err("[model] default must name a model".into());

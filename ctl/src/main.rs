@@ -482,6 +482,7 @@ fn status(api: &Api, json: bool) -> Result<()> {
         }
         None => println!("plan    none yet (made when a model is first used)"),
     }
+    print_cluster(&v["cluster"]);
     let l = &v["load"];
     println!(
         "load    running {}, queued {}/{}; completed {}, cancelled {}, failed {}, invalid {}, rejected {}",
@@ -495,6 +496,55 @@ fn status(api: &Api, json: bool) -> Result<()> {
         l["rejected"]
     );
     Ok(())
+}
+
+fn print_cluster(c: &Value) {
+    if c.is_null() || c["enabled"] == false {
+        println!("cluster off ([cluster] enabled = false)");
+        return;
+    }
+    println!(
+        "cluster household {}{}, epoch {}, coordinator term {}",
+        s(&c["household"]),
+        if c["open_household"] == true {
+            " (open: anyone on the LAN may join)"
+        } else {
+            ""
+        },
+        c["epoch"],
+        c["term"]
+    );
+    println!(
+        "        {:<16} {:<12} {:<22} {:>8}  {:<8} ID",
+        "NAME", "ROLE", "ADDRESS", "RTT", "STATE"
+    );
+    for d in c["devices"].as_array().into_iter().flatten() {
+        let rtt = d["rtt_ms"]
+            .as_f64()
+            .map(|r| format!("{r:.1} ms"))
+            .unwrap_or_else(|| "-".into());
+        let name = if d["this_device"] == true {
+            format!("{} (this)", s(&d["name"]))
+        } else {
+            s(&d["name"])
+        };
+        println!(
+            "        {:<16} {:<12} {:<22} {:>8}  {:<8} {}",
+            name,
+            s(&d["role"]),
+            d["addr"].as_str().unwrap_or("-"),
+            rtt,
+            s(&d["state"]),
+            s(&d["id"])
+        );
+    }
+    for n in c["nearby_unpaired"].as_array().into_iter().flatten() {
+        let addrs: Vec<String> = n["addrs"].as_array().into_iter().flatten().map(s).collect();
+        println!(
+            "        unpaired device nearby at {} (pair it with `primactl pair`)",
+            addrs.join(", ")
+        );
+    }
 }
 
 fn s(v: &Value) -> String {

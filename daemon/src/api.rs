@@ -42,6 +42,7 @@ pub struct AppState {
     pub node_name: String,
     pub api_addr: String,
     pub started: Instant,
+    pub cluster: Option<Arc<std::sync::RwLock<crate::cluster::net::ClusterStatus>>>,
 }
 
 type St = State<Arc<AppState>>;
@@ -655,6 +656,7 @@ async fn status(State(st): St) -> Result<Json<Value>, ApiError> {
             "registered": st.store.models()?.len(),
         },
         "plan": plan,
+        "cluster": st.cluster.as_ref().map(|c| c.read().expect("cluster status").clone()),
         "load": {
             "running": s.running.load(Ordering::Relaxed),
             "queued": w.queued(),

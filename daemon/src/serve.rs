@@ -76,6 +76,28 @@ async fn serve(cfg: Config) -> Result<()> {
         default_max_tokens: cfg.model.max_tokens,
         queue_limit: cfg.api.queue_limit,
     });
+    let cluster = if cfg.cluster.enabled {
+        let secret = if cfg.cluster.open_household {
+            tracing::warn!(
+                "[cluster] open_household is on: any prima device on this network may join \
+                 this household and see its traffic"
+            );
+            crate::cluster::net::open_household_secret()
+        } else {
+            store.household_secret()?
+        };
+        Some(
+            crate::cluster::net::start(crate::cluster::net::Settings {
+                cfg: cfg.cluster.clone(),
+                key: key.clone(),
+                secret,
+                profile: crate::cluster::net::Profile::local(&node_name),
+            })
+            .await?,
+        )
+    } else {
+        None
+    };
     let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| {
         format!("cannot listen on {addr} (is another primad running? pass --api-addr to pick another port)")
     })?;
@@ -88,6 +110,7 @@ async fn serve(cfg: Config) -> Result<()> {
         node_id: node_id.clone(),
         node_name: node_name.clone(),
         started: Instant::now(),
+        cluster: cluster.as_ref().map(|c| c.status.clone()),
     });
     let app = api::router(state.clone());
     match store
@@ -128,6 +151,9 @@ async fn serve(cfg: Config) -> Result<()> {
         })
         .await
         .context("serving the API")?;
+    if let Some(c) = cluster {
+        c.shutdown().await;
+    }
     let w = worker.clone();
     tokio::task::spawn_blocking(move || w.stop()).await.ok();
     drop(state);

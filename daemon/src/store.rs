@@ -48,6 +48,7 @@ pub struct Store {
 
 const IDENTITY: &[u8] = b"identity";
 const IDENTITY_HOME: &[u8] = b"identity-home";
+const HOUSEHOLD: &[u8] = b"household-secret";
 const PROFILE: &[u8] = b"profile";
 
 impl Store {
@@ -137,6 +138,28 @@ impl Store {
                 self.db.flush()?;
                 Ok((fresh, true))
             }
+        }
+    }
+
+    /// The household's shared secret: a household of one is formed on
+    /// first start (pairing replaces it with the household's).
+    pub fn household_secret(&self) -> Result<[u8; 32], StoreError> {
+        if let Some(v) = self.meta.get(HOUSEHOLD)? {
+            return v.as_ref().try_into().map_err(|_| StoreError::Corrupt {
+                what: "household secret".into(),
+                detail: format!("{} bytes, expected 32", v.len()),
+            });
+        }
+        let fresh: [u8; 32] = rand::random();
+        match self
+            .meta
+            .compare_and_swap(HOUSEHOLD, None::<&[u8]>, Some(&fresh[..]))?
+        {
+            Ok(()) => {
+                self.db.flush()?;
+                Ok(fresh)
+            }
+            Err(_) => self.household_secret(),
         }
     }
 

@@ -126,7 +126,14 @@ impl Daemon {
             .expect("tempdir");
         let state_dir = tmp.path().join("state");
         let config = tmp.path().join("primad.toml");
-        std::fs::write(&config, extra).expect("writing config");
+        // Daemons in the machine's own namespace keep to loopback: no cluster
+        // (no mDNS on the real network) unless a test asks for one.
+        let text = if extra.contains("[cluster]") {
+            extra.to_string()
+        } else {
+            format!("{extra}\n[cluster]\nenabled = false\n")
+        };
+        std::fs::write(&config, text).expect("writing config");
         let mut d = Self {
             child: None,
             port: free_port(),

@@ -157,3 +157,87 @@ fn rand_u16() -> u16 {
         .unwrap_or(0);
     (t ^ (t >> 16)) as u16
 }
+
+/// A `primad` running inside one of the [`Hosts`], its API on the host's
+/// own loopback (reached with `curl` run inside the namespace).
+pub struct NsDaemon {
+    pub host: usize,
+    ns: String,
+    child: Option<std::process::Child>,
+    pub dir: tempfile::TempDir,
+}
+
+impl NsDaemon {
+    /// Starts `primad` in host `i` with `config` as its config file.
+    pub fn start(hosts: &Hosts, i: usize, config: &str) -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("prima-ns-")
+            .tempdir()
+            .expect("tempdir");
+        std::fs::write(dir.path().join("primad.toml"), config).expect("config");
+        let mut d = Self {
+            host: i,
+            ns: hosts.ns(i),
+            child: None,
+            dir,
+        };
+        d.spawn(hosts);
+        d
+    }
+
+    pub fn spawn(&mut self, hosts: &Hosts) {
+        assert!(self.child.is_none());
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("primad.log"))
+            .expect("log");
+        let child = hosts
+            .command(self.host, crate::bin("primad"))
+            .arg("--config")
+            .arg(self.dir.path().join("primad.toml"))
+            .arg("--state-dir")
+            .arg(self.dir.path().join("state"))
+            .args(["--api-addr", "127.0.0.1:7340"])
+            .env("RUST_LOG", "info,sled=warn,libp2p=warn,mdns_sd=warn")
+            .stdin(std::process::Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("spawning primad in a namespace");
+        self.child = Some(child);
+    }
+
+    /// The daemon's /api/status, or None while it does not answer.
+    pub fn status(&self) -> Option<serde_json::Value> {
+        let o = Command::new("ip")
+            .args(["netns", "exec", &self.ns, "curl", "-fs", "--max-time", "1"])
+            .arg("http://127.0.0.1:7340/api/status")
+            .output()
+            .ok()?;
+        if !o.status.success() {
+            return None;
+        }
+        serde_json::from_slice(&o.stdout).ok()
+    }
+
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("primad.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for NsDaemon {
+    fn drop(&mut self) {
+        self.kill9();
+        if std::thread::panicking() {
+            eprintln!("--- primad log of host {} ---\n{}", self.host, self.log());
+        }
+    }
+}

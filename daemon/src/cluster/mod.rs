@@ -4,3 +4,4 @@
 
 pub mod election;
 pub mod membership;
+pub mod net;

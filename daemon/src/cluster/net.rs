@@ -1,0 +1,850 @@
+//! The network loop: one task owns the libp2p swarm and the mDNS daemon; the
+//! rest of primad reads the cluster's state from a shared snapshot and sends
+//! commands over a bounded channel.
+//!
+//! Transport: TCP, then a private-network handshake keyed by the household
+//! secret (libp2p pnet: a device without the key cannot complete Noise, so
+//! its bytes never reach an application protocol), then Noise and yamux.
+//! Discovery: mDNS `_prima._tcp.local.` with a random instance name, the
+//! protocol version and a tag derived from the household secret and the
+//! current five-minute window; outsiders learn nothing about the device, and
+//! members recognise each other by the tag. Gossip: a gossipsub topic per
+//! household carries each device's profile and heartbeat; membership and the
+//! election (pure state machines) turn those into alive/suspect/dead and one
+//! coordinator.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::Ipv4Addr,
+    sync::{Arc, RwLock},
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use anyhow::{Context, Result};
+use futures_util::StreamExt;
+use libp2p::{
+    core::{upgrade::Version, Transport},
+    gossipsub, identify,
+    multiaddr::Protocol,
+    noise, ping,
+    pnet::{PnetConfig, PreSharedKey},
+    swarm::{NetworkBehaviour, SwarmEvent},
+    tcp, yamux, Multiaddr, PeerId, Swarm,
+};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use tokio::sync::mpsc;
+
+use super::{
+    election::{self, Election},
+    membership::{self, Membership, MembershipConfig, PeerState},
+};
+
+pub const SERVICE: &str = "_prima._tcp.local.";
+pub const PROTOCOL_VERSION: u32 = 1;
+/// Largest gossip message accepted; bigger ones are dropped by gossipsub.
+pub const MAX_GOSSIP_BYTES: usize = 64 * 1024;
+const TAG_WINDOW_SECS: u64 = 300;
+
+/// What this device tells the household about itself (the profiler issue
+/// adds its measurements).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Profile {
+    pub name: String,
+    pub os: String,
+    pub cores: u32,
+    pub ram_mb: u64,
+}
+
+impl Profile {
+    pub fn local(name: &str) -> Self {
+        let ram = sysinfo::System::new()
+            .map(|mut sys| {
+                sys.refresh_memory();
+                sys.total_memory()
+            })
+            .unwrap_or(0);
+        Self {
+            name: name.to_string(),
+            os: std::env::consts::OS.to_string(),
+            cores: std::thread::available_parallelism()
+                .map(|n| n.get() as u32)
+                .unwrap_or(1),
+            ram_mb: ram / (1 << 20),
+        }
+    }
+
+    /// Capability for the election: cores first, then memory.
+    pub fn score(&self) -> u64 {
+        (self.cores as u64) << 32 | self.ram_mb.min(u32::MAX as u64)
+    }
+}
+
+/// A heartbeat on the household topic.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Heartbeat {
+    v: u32,
+    profile: Profile,
+    term: u64,
+    coordinator: String,
+    #[serde(default)]
+    bye: bool,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct DeviceStatus {
+    pub id: String,
+    pub name: String,
+    pub role: &'static str,
+    pub state: &'static str,
+    pub addr: Option<String>,
+    pub rtt_ms: Option<f64>,
+    pub os: String,
+    pub cores: u32,
+    pub ram_mb: u64,
+    pub this_device: bool,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Nearby {
+    pub instance: String,
+    pub addrs: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Default)]
+pub struct ClusterStatus {
+    pub enabled: bool,
+    /// A short fingerprint of the household key (not the key).
+    pub household: String,
+    pub open_household: bool,
+    pub epoch: u64,
+    pub term: u64,
+    pub coordinator: Option<String>,
+    pub devices: Vec<DeviceStatus>,
+    /// prima devices on the LAN that are not of this household.
+    pub nearby_unpaired: Vec<Nearby>,
+    pub listen: Vec<String>,
+}
+
+pub enum Command {
+    Shutdown,
+}
+
+pub struct Cluster {
+    pub status: Arc<RwLock<ClusterStatus>>,
+    commands: mpsc::Sender<Command>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Cluster {
+    /// Says goodbye to the household and stops the loop.
+    pub async fn shutdown(self) {
+        let _ = self.commands.send(Command::Shutdown).await;
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.task).await;
+    }
+}
+
+#[derive(NetworkBehaviour)]
+struct Behaviour {
+    gossipsub: gossipsub::Behaviour,
+    ping: ping::Behaviour,
+    identify: identify::Behaviour,
+}
+
+pub struct Settings {
+    pub cfg: prima_config::Cluster,
+    pub key: libp2p_identity::Keypair,
+    pub secret: [u8; 32],
+    pub profile: Profile,
+}
+
+/// The key all devices of an open household share.
+pub fn open_household_secret() -> [u8; 32] {
+    Sha256::digest(b"prima open household v1").into()
+}
+
+fn fingerprint(secret: &[u8; 32]) -> String {
+    let h = Sha256::new()
+        .chain_update(b"prima household id")
+        .chain_update(secret)
+        .finalize();
+    hex::encode(&h[..6])
+}
+
+/// The mDNS tag for a five-minute window: members compute the same, anyone
+/// else sees random-looking bytes that change every window.
+pub fn tag(secret: &[u8; 32], window: u64) -> String {
+    let h = Sha256::new()
+        .chain_update(b"prima mdns tag")
+        .chain_update(secret)
+        .chain_update(window.to_le_bytes())
+        .finalize();
+    hex::encode(&h[..8])
+}
+
+fn window_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() / TAG_WINDOW_SECS)
+        .unwrap_or(0)
+}
+
+fn is_member_tag(secret: &[u8; 32], t: &str) -> bool {
+    let w = window_now();
+    [w, w.wrapping_sub(1), w + 1]
+        .iter()
+        .any(|&w| tag(secret, w) == t)
+}
+
+/// Interface names that are virtual, container or VPN plumbing.
+fn is_virtual_interface(name: &str) -> bool {
+    const PREFIXES: [&str; 12] = [
+        "docker",
+        "veth",
+        "br-",
+        "virbr",
+        "vbox",
+        "vmnet",
+        "tun",
+        "tap",
+        "wg",
+        "zt",
+        "tailscale",
+        "utun",
+    ];
+    PREFIXES.iter().any(|p| name.starts_with(p))
+}
+
+fn interface_names() -> Vec<String> {
+    std::fs::read_dir("/sys/class/net")
+        .map(|d| {
+            d.filter_map(|e| e.ok())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn build_swarm(s: &Settings) -> Result<Swarm<Behaviour>> {
+    let psk = PreSharedKey::new(s.secret);
+    let topic = household_topic(&s.secret);
+    let swarm = libp2p::SwarmBuilder::with_existing_identity(s.key.clone())
+        .with_tokio()
+        .with_other_transport(|key| {
+            let noise = noise::Config::new(key)?;
+            Ok::<_, Box<dyn std::error::Error + Send + Sync>>(
+                tcp::tokio::Transport::new(tcp::Config::default().nodelay(true))
+                    .and_then(move |socket, _| PnetConfig::new(psk).handshake(socket))
+                    .upgrade(Version::V1Lazy)
+                    .authenticate(noise)
+                    .multiplex(yamux::Config::default())
+                    .timeout(Duration::from_secs(10)),
+            )
+        })?
+        .with_behaviour(|key| {
+            let gcfg = gossipsub::ConfigBuilder::default()
+                .heartbeat_interval(Duration::from_millis(500))
+                .validation_mode(gossipsub::ValidationMode::Strict)
+                .max_transmit_size(MAX_GOSSIP_BYTES)
+                .flood_publish(true)
+                .build()
+                .map_err(|e| anyhow::anyhow!("gossipsub config: {e}"))?;
+            let mut gossipsub = gossipsub::Behaviour::new(
+                gossipsub::MessageAuthenticity::Signed(key.clone()),
+                gcfg,
+            )
+            .map_err(|e| anyhow::anyhow!("gossipsub: {e}"))?;
+            gossipsub.subscribe(&topic)?;
+            Ok(Behaviour {
+                gossipsub,
+                ping: ping::Behaviour::new(
+                    ping::Config::new().with_interval(Duration::from_millis(1000)),
+                ),
+                identify: identify::Behaviour::new(identify::Config::new(
+                    format!("/prima/id/{PROTOCOL_VERSION}"),
+                    key.public(),
+                )),
+            })
+        })?
+        .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(60)))
+        .build();
+    Ok(swarm)
+}
+
+fn household_topic(secret: &[u8; 32]) -> gossipsub::IdentTopic {
+    gossipsub::IdentTopic::new(format!(
+        "/prima/household/{}/{PROTOCOL_VERSION}",
+        fingerprint(secret)
+    ))
+}
+
+/// Starts the loop. Fails (with what to do) when the port is taken.
+pub async fn start(s: Settings) -> Result<Cluster> {
+    let mut swarm = build_swarm(&s)?;
+    let listen: Multiaddr = format!("/ip4/0.0.0.0/tcp/{}", s.cfg.listen_port)
+        .parse()
+        .expect("valid multiaddr");
+    swarm.listen_on(listen).with_context(|| {
+        format!(
+            "cannot listen on TCP port {} for the cluster ([cluster] listen_port)",
+            s.cfg.listen_port
+        )
+    })?;
+    let mdns = if s.cfg.mdns {
+        Some(start_mdns(&s).context("starting mDNS")?)
+    } else {
+        None
+    };
+    let status = Arc::new(RwLock::new(ClusterStatus {
+        enabled: true,
+        household: fingerprint(&s.secret),
+        open_household: s.cfg.open_household,
+        ..Default::default()
+    }));
+    let (tx, rx) = mpsc::channel(16);
+    let lp = Loop::new(s, swarm, mdns, status.clone());
+    let task = tokio::spawn(lp.run(rx));
+    Ok(Cluster {
+        status,
+        commands: tx,
+        task,
+    })
+}
+
+struct Mdns {
+    daemon: mdns_sd::ServiceDaemon,
+    events: mdns_sd::Receiver<mdns_sd::ServiceEvent>,
+    instance: String,
+    window: u64,
+}
+
+fn service_info(s: &Settings, instance: &str, window: u64) -> Result<mdns_sd::ServiceInfo> {
+    let props = [
+        ("v", PROTOCOL_VERSION.to_string()),
+        ("tag", tag(&s.secret, window)),
+    ];
+    Ok(mdns_sd::ServiceInfo::new(
+        SERVICE,
+        instance,
+        &format!("{instance}.local."),
+        "",
+        s.cfg.listen_port,
+        &props[..],
+    )?
+    .enable_addr_auto())
+}
+
+fn start_mdns(s: &Settings) -> Result<Mdns> {
+    let daemon = mdns_sd::ServiceDaemon::new()?;
+    if s.cfg.interfaces.is_empty() {
+        for name in interface_names() {
+            if is_virtual_interface(&name) {
+                daemon.disable_interface(mdns_sd::IfKind::Name(name))?;
+            }
+        }
+    } else {
+        daemon.disable_interface(mdns_sd::IfKind::All)?;
+        for name in &s.cfg.interfaces {
+            daemon.enable_interface(mdns_sd::IfKind::Name(name.clone()))?;
+        }
+    }
+    let instance = format!("prima-{:016x}", rand::random::<u64>());
+    let window = window_now();
+    daemon.register(service_info(s, &instance, window)?)?;
+    let events = daemon.browse(SERVICE)?;
+    Ok(Mdns {
+        daemon,
+        events,
+        instance,
+        window,
+    })
+}
+
+struct PeerInfo {
+    profile: Option<Profile>,
+    addr: Option<Multiaddr>,
+    rtt: Option<Duration>,
+}
+
+struct Loop {
+    s: Settings,
+    swarm: Swarm<Behaviour>,
+    mdns: Option<Mdns>,
+    status: Arc<RwLock<ClusterStatus>>,
+    me: PeerId,
+    topic: gossipsub::IdentTopic,
+    membership: Membership,
+    election: Election,
+    peers: HashMap<PeerId, PeerInfo>,
+    /// Member addresses worth dialling, with the last attempt.
+    dialable: HashMap<Multiaddr, Option<Instant>>,
+    nearby: BTreeMap<String, Nearby>,
+}
+
+impl Loop {
+    fn new(
+        s: Settings,
+        swarm: Swarm<Behaviour>,
+        mdns: Option<Mdns>,
+        status: Arc<RwLock<ClusterStatus>>,
+    ) -> Self {
+        let me = *swarm.local_peer_id();
+        let mcfg = MembershipConfig {
+            heartbeat_every: Duration::from_millis(s.cfg.heartbeat_ms),
+            suspect_after: Duration::from_millis(s.cfg.suspect_ms),
+            dead_after: Duration::from_millis(s.cfg.dead_ms),
+        };
+        let mut dialable = HashMap::new();
+        for p in &s.cfg.static_peers {
+            match p.parse::<Multiaddr>() {
+                Ok(a) => {
+                    dialable.insert(a, None);
+                }
+                Err(e) => {
+                    tracing::warn!(peer = %p, error = %e, "ignoring a bad [cluster] static_peers entry")
+                }
+            }
+        }
+        Self {
+            topic: household_topic(&s.secret),
+            election: Election::new(
+                me.to_string(),
+                s.profile.score(),
+                Duration::from_millis(500),
+            ),
+            membership: Membership::new(mcfg),
+            me,
+            s,
+            swarm,
+            mdns,
+            status,
+            peers: HashMap::new(),
+            dialable,
+            nearby: BTreeMap::new(),
+        }
+    }
+
+    async fn run(mut self, mut commands: mpsc::Receiver<Command>) {
+        let mut heartbeat = tokio::time::interval(Duration::from_millis(self.s.cfg.heartbeat_ms));
+        let mut tick = tokio::time::interval(Duration::from_millis(50));
+        let mut redial = tokio::time::interval(Duration::from_millis(1000));
+        for t in [&mut heartbeat, &mut tick, &mut redial] {
+            t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        }
+        let mdns_events = self.mdns.as_ref().map(|m| m.events.clone());
+        loop {
+            tokio::select! {
+                ev = self.swarm.select_next_some() => self.on_swarm(ev),
+                ev = async {
+                    match &mdns_events {
+                        Some(r) => r.recv_async().await.ok(),
+                        None => std::future::pending().await,
+                    }
+                } => if let Some(ev) = ev { self.on_mdns(ev) },
+                _ = heartbeat.tick() => self.publish(false),
+                _ = tick.tick() => self.on_tick(),
+                _ = redial.tick() => self.redial(),
+                cmd = commands.recv() => match cmd {
+                    Some(Command::Shutdown) | None => {
+                        self.publish(true);
+                        // Let the goodbye leave before the connections close.
+                        let until = tokio::time::Instant::now() + Duration::from_millis(150);
+                        while let Ok(ev) = tokio::time::timeout_at(until, self.swarm.select_next_some()).await {
+                            self.on_swarm(ev);
+                        }
+                        if let Some(m) = &self.mdns {
+                            let _ = m.daemon.unregister(&format!("{}.{SERVICE}", m.instance));
+                            let _ = m.daemon.shutdown();
+                        }
+                        break;
+                    }
+                },
+            }
+        }
+    }
+
+    fn publish(&mut self, bye: bool) {
+        let view = self.election.view();
+        let hb = Heartbeat {
+            v: PROTOCOL_VERSION,
+            profile: self.s.profile.clone(),
+            term: view.term,
+            coordinator: view.coordinator.clone(),
+            bye,
+        };
+        let data = serde_json::to_vec(&hb).expect("heartbeats serialise");
+        // No peers yet is normal for a household of one.
+        let _ = self
+            .swarm
+            .behaviour_mut()
+            .gossipsub
+            .publish(self.topic.clone(), data);
+    }
+
+    fn on_swarm(&mut self, ev: SwarmEvent<BehaviourEvent>) {
+        match ev {
+            SwarmEvent::NewListenAddr { address, .. } => {
+                tracing::info!(%address, "cluster listening");
+                self.status
+                    .write()
+                    .expect("status")
+                    .listen
+                    .push(address.to_string());
+            }
+            SwarmEvent::ConnectionEstablished {
+                peer_id, endpoint, ..
+            } => {
+                let addr = endpoint.get_remote_address().clone();
+                tracing::info!(peer = %peer_id, %addr, "connected to a household device");
+                let e = self.peers.entry(peer_id).or_insert(PeerInfo {
+                    profile: None,
+                    addr: None,
+                    rtt: None,
+                });
+                if endpoint.is_dialer() || e.addr.is_none() {
+                    e.addr = Some(addr);
+                }
+            }
+            SwarmEvent::ConnectionClosed {
+                peer_id,
+                num_established: 0,
+                cause,
+                ..
+            } => {
+                tracing::info!(peer = %peer_id, cause = ?cause, "disconnected");
+            }
+            SwarmEvent::IncomingConnectionError {
+                send_back_addr,
+                error,
+                ..
+            } => {
+                // Wrong household key, or not prima at all: refused before
+                // any application bytes.
+                tracing::debug!(%send_back_addr, %error, "refused an incoming connection");
+            }
+            SwarmEvent::OutgoingConnectionError { peer_id, error, .. } => {
+                tracing::debug!(peer = ?peer_id, %error, "dial failed");
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Gossipsub(gossipsub::Event::Message {
+                message,
+                ..
+            })) => self.on_gossip(message),
+            SwarmEvent::Behaviour(BehaviourEvent::Ping(ping::Event {
+                peer,
+                result: Ok(rtt),
+                ..
+            })) => {
+                if let Some(p) = self.peers.get_mut(&peer) {
+                    p.rtt = Some(rtt);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn on_gossip(&mut self, message: gossipsub::Message) {
+        let Some(from) = message.source else {
+            return;
+        };
+        if from == self.me {
+            return;
+        }
+        let hb: Heartbeat = match serde_json::from_slice(&message.data) {
+            Ok(h) => h,
+            Err(e) => {
+                tracing::warn!(peer = %from, bytes = message.data.len(), error = %e, "dropped a malformed gossip message");
+                return;
+            }
+        };
+        if hb.v != PROTOCOL_VERSION {
+            tracing::warn!(peer = %from, version = hb.v, "dropped gossip of another protocol version");
+            return;
+        }
+        let now = Instant::now();
+        let id = from.to_string();
+        let changes = if hb.bye {
+            self.membership
+                .on_event(now, membership::Event::Left(id.clone()))
+        } else {
+            self.membership
+                .on_event(now, membership::Event::Heard(id.clone()))
+        };
+        self.log_changes(&changes);
+        let e = self.peers.entry(from).or_insert(PeerInfo {
+            profile: None,
+            addr: None,
+            rtt: None,
+        });
+        e.profile = Some(hb.profile);
+        if !hb.bye {
+            self.election.on_event(
+                now,
+                election::Event::Announce {
+                    from: id,
+                    term: hb.term,
+                    coordinator: hb.coordinator,
+                },
+            );
+        }
+        if !changes.is_empty() {
+            self.update_election(now);
+        }
+    }
+
+    fn log_changes(&self, changes: &[membership::Change]) {
+        for c in changes {
+            let name = c
+                .peer
+                .parse::<PeerId>()
+                .ok()
+                .and_then(|p| self.peers.get(&p))
+                .and_then(|p| p.profile.as_ref())
+                .map(|p| p.name.clone())
+                .unwrap_or_else(|| c.peer.clone());
+            tracing::info!(
+                device = %name,
+                from = c.from.map(PeerState::as_str).unwrap_or("unknown"),
+                to = c.to.map(PeerState::as_str).unwrap_or("removed"),
+                epoch = c.epoch,
+                "membership"
+            );
+        }
+    }
+
+    fn update_election(&mut self, now: Instant) {
+        let roster: Vec<(String, u64, Instant)> = self
+            .membership
+            .live()
+            .map(|(id, p)| {
+                let score = id
+                    .parse::<PeerId>()
+                    .ok()
+                    .and_then(|pid| self.peers.get(&pid))
+                    .and_then(|i| i.profile.as_ref())
+                    .map(Profile::score)
+                    .unwrap_or(0);
+                (id.clone(), score, p.since)
+            })
+            .collect();
+        if let Some(v) = self.election.on_event(now, election::Event::Roster(roster)) {
+            tracing::info!(coordinator = %v.coordinator, term = v.term, me = self.election.is_coordinator(), "coordinator elected");
+        }
+    }
+
+    fn on_tick(&mut self) {
+        let now = Instant::now();
+        let changes = self.membership.on_event(now, membership::Event::Tick);
+        self.log_changes(&changes);
+        self.update_election(now);
+        if let Some(v) = self.election.on_event(now, election::Event::Tick) {
+            tracing::info!(coordinator = %v.coordinator, term = v.term, "coordinator elected");
+        }
+        self.refresh_mdns_tag();
+        self.write_status();
+    }
+
+    fn refresh_mdns_tag(&mut self) {
+        let Some(m) = &mut self.mdns else { return };
+        let w = window_now();
+        if w != m.window {
+            m.window = w;
+            match service_info(&self.s, &m.instance, w) {
+                Ok(info) => {
+                    if let Err(e) = m.daemon.register(info) {
+                        tracing::warn!(error = %e, "mDNS re-announcement failed");
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "mDNS record"),
+            }
+        }
+    }
+
+    fn on_mdns(&mut self, ev: mdns_sd::ServiceEvent) {
+        let mdns_sd::ServiceEvent::ServiceResolved(svc) = ev else {
+            return;
+        };
+        let Some(m) = &self.mdns else { return };
+        if svc.fullname.starts_with(&m.instance) {
+            return; // ourselves
+        }
+        let addrs: Vec<Ipv4Addr> = svc.get_addresses_v4().into_iter().collect();
+        let tag_ok = svc
+            .txt_properties
+            .get_property_val_str("tag")
+            .is_some_and(|t| is_member_tag(&self.s.secret, t));
+        let version_ok = svc.txt_properties.get_property_val_str("v") == Some("1");
+        if tag_ok && version_ok {
+            for ip in addrs {
+                let a = Multiaddr::empty()
+                    .with(Protocol::Ip4(ip))
+                    .with(Protocol::Tcp(svc.port));
+                if !self.dialable.contains_key(&a) {
+                    tracing::info!(addr = %a, "found a household device by mDNS");
+                    self.dialable.insert(a.clone(), None);
+                    self.dial(a);
+                }
+            }
+        } else {
+            let instance = svc
+                .fullname
+                .trim_end_matches(SERVICE)
+                .trim_end_matches('.')
+                .to_string();
+            if !self.nearby.contains_key(&instance) {
+                tracing::info!(%instance, "an unpaired prima device is nearby");
+            }
+            self.nearby.insert(
+                instance.clone(),
+                Nearby {
+                    instance,
+                    addrs: addrs.iter().map(|a| a.to_string()).collect(),
+                },
+            );
+        }
+    }
+
+    fn dial(&mut self, a: Multiaddr) {
+        self.dialable.insert(a.clone(), Some(Instant::now()));
+        if let Err(e) = self.swarm.dial(a.clone()) {
+            tracing::debug!(addr = %a, error = %e, "dial");
+        }
+    }
+
+    /// Dials known member addresses that have no live connection.
+    fn redial(&mut self) {
+        let connected: Vec<Multiaddr> = self
+            .peers
+            .iter()
+            .filter(|(p, _)| self.swarm.is_connected(p))
+            .filter_map(|(_, i)| i.addr.clone())
+            .collect();
+        let due: Vec<Multiaddr> = self
+            .dialable
+            .iter()
+            .filter(|(a, last)| {
+                !connected.contains(a)
+                    && last.is_none_or(|t| t.elapsed() >= Duration::from_millis(900))
+            })
+            .map(|(a, _)| a.clone())
+            .collect();
+        for a in due {
+            self.dial(a);
+        }
+    }
+
+    fn write_status(&self) {
+        let view = self.election.view();
+        let mut devices = vec![DeviceStatus {
+            id: self.me.to_string(),
+            name: self.s.profile.name.clone(),
+            role: if view.coordinator == self.me.to_string() {
+                "coordinator"
+            } else {
+                "member"
+            },
+            state: "alive",
+            addr: None,
+            rtt_ms: None,
+            os: self.s.profile.os.clone(),
+            cores: self.s.profile.cores,
+            ram_mb: self.s.profile.ram_mb,
+            this_device: true,
+        }];
+        for (id, p) in self.membership.peers() {
+            let info = id
+                .parse::<PeerId>()
+                .ok()
+                .and_then(|pid| self.peers.get(&pid));
+            let prof = info.and_then(|i| i.profile.clone());
+            devices.push(DeviceStatus {
+                id: id.clone(),
+                name: prof.as_ref().map(|p| p.name.clone()).unwrap_or_default(),
+                role: if &view.coordinator == id {
+                    "coordinator"
+                } else {
+                    "member"
+                },
+                state: p.state.as_str(),
+                addr: info.and_then(|i| i.addr.as_ref()).map(|a| a.to_string()),
+                rtt_ms: info.and_then(|i| i.rtt).map(|d| d.as_secs_f64() * 1e3),
+                os: prof.as_ref().map(|p| p.os.clone()).unwrap_or_default(),
+                cores: prof.as_ref().map(|p| p.cores).unwrap_or(0),
+                ram_mb: prof.as_ref().map(|p| p.ram_mb).unwrap_or(0),
+                this_device: false,
+            });
+        }
+        let mut st = self.status.write().expect("status");
+        st.epoch = self.membership.epoch();
+        st.term = view.term;
+        st.coordinator = Some(view.coordinator.clone());
+        st.devices = devices;
+        st.nearby_unpaired = self.nearby.values().cloned().collect();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tags_rotate_and_differ_by_household() {
+        let a = [1u8; 32];
+        let b = [2u8; 32];
+        assert_ne!(tag(&a, 5), tag(&a, 6));
+        assert_ne!(tag(&a, 5), tag(&b, 5));
+        assert!(is_member_tag(&a, &tag(&a, window_now())));
+        assert!(is_member_tag(&a, &tag(&a, window_now() - 1)));
+        assert!(!is_member_tag(&b, &tag(&a, window_now())));
+        assert!(!is_member_tag(&a, "not a tag"));
+    }
+
+    #[test]
+    fn virtual_interfaces_are_recognised() {
+        for v in [
+            "docker0",
+            "veth12ab",
+            "br-1234",
+            "virbr0",
+            "tun0",
+            "wg0",
+            "tailscale0",
+        ] {
+            assert!(is_virtual_interface(v), "{v}");
+        }
+        for p in ["eth0", "enp3s0", "wlan0", "wlp2s0", "en0", "lo"] {
+            assert!(!is_virtual_interface(p), "{p}");
+        }
+    }
+
+    #[test]
+    fn malformed_heartbeats_do_not_parse() {
+        assert!(serde_json::from_slice::<Heartbeat>(b"\xff\xfe").is_err());
+        assert!(serde_json::from_slice::<Heartbeat>(b"{\"v\":1}").is_err());
+        let ok = serde_json::to_vec(&Heartbeat {
+            v: 1,
+            profile: Profile::local("x"),
+            term: 1,
+            coordinator: "c".into(),
+            bye: false,
+        })
+        .unwrap();
+        assert!(serde_json::from_slice::<Heartbeat>(&ok).is_ok());
+    }
+
+    #[test]
+    fn more_cores_score_higher_than_more_ram() {
+        let a = Profile {
+            name: "a".into(),
+            os: "linux".into(),
+            cores: 8,
+            ram_mb: 8_000,
+        };
+        let b = Profile {
+            cores: 4,
+            ram_mb: 64_000,
+            ..a.clone()
+        };
+        assert!(a.score() > b.score());
+    }
+}

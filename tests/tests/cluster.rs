@@ -1,0 +1,224 @@
+//! Several real primad processes, each in its own network namespace on a
+//! private bridge, finding each other by real mDNS, talking real libp2p.
+//!
+//! Run with `cargo test --release -p prima-tests --test cluster` (as root).
+
+use std::time::{Duration, Instant};
+
+use prima_tests::netns::{Hosts, NsDaemon};
+use serde_json::Value;
+
+const OPEN: &str = "[cluster]\nopen_household = true\n";
+
+fn config(name: &str, extra: &str) -> String {
+    format!("[node]\nname = \"{name}\"\n{extra}")
+}
+
+/// (alive device ids incl. itself, coordinator) as one daemon sees it.
+fn view(s: &Value) -> (Vec<String>, String) {
+    let c = &s["cluster"];
+    let mut alive: Vec<String> = c["devices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|d| d["state"] == "alive")
+        .map(|d| d["id"].as_str().unwrap().to_string())
+        .collect();
+    alive.sort();
+    (alive, c["coordinator"].as_str().unwrap_or("").to_string())
+}
+
+fn id(s: &Value) -> String {
+    s["node"]["id"].as_str().unwrap().to_string()
+}
+
+/// Waits until every daemon in `ds` sees exactly `want` alive and the same
+/// coordinator; returns how long it took and that coordinator.
+fn wait_agreement(ds: &[&NsDaemon], want: &[String], timeout: Duration) -> (Duration, String) {
+    let t = Instant::now();
+    let mut want = want.to_vec();
+    want.sort();
+    loop {
+        let views: Vec<Option<(Vec<String>, String)>> =
+            ds.iter().map(|d| d.status().map(|s| view(&s))).collect();
+        if views.iter().all(|v| v.is_some()) {
+            let vs: Vec<_> = views.into_iter().flatten().collect();
+            if vs
+                .iter()
+                .all(|(alive, c)| *alive == want && *c == vs[0].1 && want.contains(c))
+            {
+                return (t.elapsed(), vs[0].1.clone());
+            }
+            if t.elapsed() > timeout {
+                panic!("no agreement on {want:?} after {timeout:?}: {vs:?}");
+            }
+        } else if t.elapsed() > timeout {
+            panic!("a daemon did not answer within {timeout:?}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn wait_status(d: &NsDaemon) -> Value {
+    let t = Instant::now();
+    loop {
+        if let Some(s) = d.status() {
+            return s;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "daemon did not start:\n{}",
+            d.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn household_forms_survives_a_dead_coordinator_and_takes_it_back() {
+    let hosts = Hosts::create(3).expect("hosts");
+    let t0 = Instant::now();
+    let mut ds: Vec<NsDaemon> = (0..3)
+        .map(|i| NsDaemon::start(&hosts, i, &config(&format!("dev{i}"), OPEN)))
+        .collect();
+    let ids: Vec<String> = ds.iter().map(|d| id(&wait_status(d))).collect();
+    let up = t0.elapsed();
+    let refs: Vec<&NsDaemon> = ds.iter().collect();
+    let (took, coord) = wait_agreement(&refs, &ids, Duration::from_secs(10));
+    eprintln!(
+        "3 devices: APIs up after {up:?}; all see each other and agree on coordinator {coord} \
+         {took:?} later ({:?} from start)",
+        t0.elapsed()
+    );
+    assert!(
+        t0.elapsed() < Duration::from_secs(5) + up,
+        "discovery + election took {took:?}"
+    );
+    // The same coordinator is the one every view names; it is a member.
+    assert!(ids.contains(&coord));
+
+    // kill -9 the coordinator: the others elect another within 3 s.
+    let ci = ids.iter().position(|i| *i == coord).unwrap();
+    ds[ci].kill9();
+    let t1 = Instant::now();
+    let rest: Vec<String> = ids.iter().filter(|i| **i != coord).cloned().collect();
+    let others: Vec<&NsDaemon> = ds
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| *i != ci)
+        .map(|(_, d)| d)
+        .collect();
+    let (took, new_coord) = wait_agreement(&others, &rest, Duration::from_secs(6));
+    eprintln!("coordinator killed: {new_coord} elected after {took:?}");
+    assert!(took < Duration::from_secs(3), "re-election took {took:?}");
+    assert_ne!(new_coord, coord);
+    drop(others);
+
+    // It comes back by itself (same state dir, same identity) within 5 s.
+    let t2 = Instant::now();
+    ds[ci].spawn(&hosts);
+    let refs: Vec<&NsDaemon> = ds.iter().collect();
+    let (took, back) = wait_agreement(&refs, &ids, Duration::from_secs(10));
+    eprintln!(
+        "restarted device rejoined after {:?} (coordinator {back})",
+        t2.elapsed()
+    );
+    assert!(
+        t2.elapsed() < Duration::from_secs(5),
+        "rejoin took {:?}",
+        t2.elapsed()
+    );
+    assert_eq!(back, coord, "the most capable device coordinates again");
+    let _ = (took, t1);
+}
+
+#[test]
+fn a_cut_link_is_dead_then_alive_again() {
+    let hosts = Hosts::create(2).expect("hosts");
+    let ds: Vec<NsDaemon> = (0..2)
+        .map(|i| NsDaemon::start(&hosts, i, &config(&format!("dev{i}"), OPEN)))
+        .collect();
+    let ids: Vec<String> = ds.iter().map(|d| id(&wait_status(d))).collect();
+    let refs: Vec<&NsDaemon> = ds.iter().collect();
+    wait_agreement(&refs, &ids, Duration::from_secs(10));
+    hosts.set_link(1, false).unwrap();
+    let t = Instant::now();
+    let state_of_1 = || {
+        let s = ds[0].status().unwrap();
+        let d = s["cluster"]["devices"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|d| d["id"] == ids[1].as_str())
+            .cloned()
+            .unwrap();
+        d["state"].as_str().unwrap().to_string()
+    };
+    while state_of_1() != "dead" {
+        assert!(t.elapsed() < Duration::from_secs(5), "never marked dead");
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    eprintln!("link cut: device marked dead after {:?}", t.elapsed());
+    assert!(t.elapsed() < Duration::from_secs(2));
+    hosts.set_link(1, true).unwrap();
+    let (took, _) = wait_agreement(&refs, &ids, Duration::from_secs(10));
+    eprintln!(
+        "link restored: alive again after {took:?} (cut for {:?})",
+        t.elapsed()
+    );
+}
+
+#[test]
+fn an_unpaired_device_cannot_join() {
+    let hosts = Hosts::create(3).expect("hosts");
+    let members: Vec<NsDaemon> = (0..2)
+        .map(|i| NsDaemon::start(&hosts, i, &config(&format!("dev{i}"), OPEN)))
+        .collect();
+    // The stranger has a household of its own, and even dials a member directly.
+    let stranger = NsDaemon::start(
+        &hosts,
+        2,
+        &config(
+            "stranger",
+            &format!(
+                "[cluster]\nstatic_peers = [\"/ip4/{}/tcp/7341\"]\n",
+                hosts.addr(0)
+            ),
+        ),
+    );
+    let ids: Vec<String> = members.iter().map(|d| id(&wait_status(d))).collect();
+    let sid = id(&wait_status(&stranger));
+    let refs: Vec<&NsDaemon> = members.iter().collect();
+    wait_agreement(&refs, &ids, Duration::from_secs(10));
+    // Give discovery and the stranger's dials time to happen.
+    let t = Instant::now();
+    let mut seen_nearby = false;
+    while t.elapsed() < Duration::from_secs(4) {
+        let s = members[0].status().unwrap();
+        let c = &s["cluster"];
+        assert!(
+            c["devices"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|d| d["id"] != sid.as_str()),
+            "the stranger got in: {c}"
+        );
+        if c["nearby_unpaired"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|n| n["addrs"].to_string().contains(&hosts.addr(2)))
+        {
+            seen_nearby = true;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(
+        seen_nearby,
+        "members should list the stranger as an unpaired device nearby"
+    );
+    let s = stranger.status().unwrap();
+    let devs = s["cluster"]["devices"].as_array().unwrap();
+    assert_eq!(devs.len(), 1, "the stranger saw members: {devs:?}");
+}
