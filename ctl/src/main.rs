@@ -60,6 +60,25 @@ enum Command {
     Config(ConfigCmd),
     /// Measure time to first token and decode speed through the API.
     Bench(BenchArgs),
+    /// Show a pairing code for adding a device to this household.
+    Pair {
+        /// Print the code and return instead of waiting for the device.
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// Join the household of a device that shows a pairing code.
+    Join {
+        /// The code shown by `primactl pair` on a member, e.g. 123-456-789.
+        code: String,
+        /// The member's address (IP or IP:PORT) when mDNS cannot find it.
+        #[arg(long)]
+        addr: Option<String>,
+    },
+    /// List the household's devices, or remove one.
+    Devices {
+        #[command(subcommand)]
+        cmd: Option<DevicesCmd>,
+    },
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
     Completions { shell: clap_complete::Shell },
 }
@@ -135,6 +154,18 @@ enum ModelsCmd {
 }
 
 #[derive(Subcommand)]
+enum DevicesCmd {
+    /// List the household's devices (the default).
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove a device from the household (by name or id); it can no
+    /// longer connect until paired again.
+    Remove { name: String },
+}
+
+#[derive(Subcommand)]
 enum ConfigCmd {
     /// Check a primad.toml: syntax, unknown keys, values. Needs no daemon.
     Validate { file: PathBuf },
@@ -199,6 +230,38 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Bench(b) => bench(&api, b),
+        Command::Pair { no_wait } => pair(&api, no_wait),
+        Command::Join { code, addr } => {
+            let mut body = json!({ "code": code });
+            if let Some(a) = addr {
+                body["addr"] = json!(a);
+            }
+            let v: Value = api.post("/api/join", &body)?.json()?;
+            let names: Vec<String> = v["roster"]["members"]
+                .as_object()
+                .into_iter()
+                .flatten()
+                .map(|(_, m)| s(&m["name"]))
+                .collect();
+            println!("joined the household: {}", names.join(", "));
+            Ok(())
+        }
+        Command::Devices { cmd } => match cmd.unwrap_or(DevicesCmd::List { json: false }) {
+            DevicesCmd::List { json } => {
+                let v = api.get("/api/status")?;
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&v["cluster"])?);
+                } else {
+                    print_cluster(&v["cluster"]);
+                }
+                Ok(())
+            }
+            DevicesCmd::Remove { name } => {
+                api.send(api.request(reqwest::Method::DELETE, &format!("/api/devices/{name}")))?;
+                println!("removed {name} from the household");
+                Ok(())
+            }
+        },
         Command::Completions { shell } => {
             clap_complete::generate(
                 shell,
@@ -496,6 +559,45 @@ fn status(api: &Api, json: bool) -> Result<()> {
         l["rejected"]
     );
     Ok(())
+}
+
+fn pair(api: &Api, no_wait: bool) -> Result<()> {
+    let before = api.get("/api/status")?["cluster"]["roster"]["members"]
+        .as_object()
+        .map(|m| m.len())
+        .unwrap_or(0);
+    let v: Value = api.post("/api/pair", &json!({}))?.json()?;
+    let code = s(&v["code"]);
+    println!("Pairing code: {code}  (valid {} s)", v["expires_in_s"]);
+    println!("On the new device, run:  primactl join {code}");
+    if no_wait {
+        return Ok(());
+    }
+    let spin = ProgressBar::new_spinner();
+    spin.set_message("waiting for the device to join (ctrl-c to stop waiting)");
+    let until = Instant::now() + Duration::from_secs(v["expires_in_s"].as_u64().unwrap_or(120));
+    while Instant::now() < until {
+        spin.tick();
+        std::thread::sleep(Duration::from_millis(250));
+        let st = api.get("/api/status")?;
+        let c = &st["cluster"];
+        let members = c["roster"]["members"]
+            .as_object()
+            .cloned()
+            .unwrap_or_default();
+        if members.len() > before {
+            spin.finish_and_clear();
+            let names: Vec<String> = members.values().map(|m| s(&m["name"])).collect();
+            println!("paired: the household is now {}", names.join(", "));
+            return Ok(());
+        }
+        if c["pairing"] == false {
+            spin.finish_and_clear();
+            bail!("pairing closed without a new device (expired or too many wrong codes)");
+        }
+    }
+    spin.finish_and_clear();
+    bail!("the code expired; run `primactl pair` again")
 }
 
 fn print_cluster(c: &Value) {

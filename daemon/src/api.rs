@@ -42,7 +42,7 @@ pub struct AppState {
     pub node_name: String,
     pub api_addr: String,
     pub started: Instant,
-    pub cluster: Option<Arc<std::sync::RwLock<crate::cluster::net::ClusterStatus>>>,
+    pub cluster: Option<Arc<crate::cluster::service::ClusterCtl>>,
 }
 
 type St = State<Arc<AppState>>;
@@ -58,6 +58,10 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/api/models", get(api_models).post(api_add_model))
         .route("/api/models/pull", post(api_pull_model))
         .route("/api/models/{name}", delete(api_remove_model))
+        .route("/api/pair", post(api_pair))
+        .route("/api/join", post(api_join))
+        .route("/api/devices", get(api_devices))
+        .route("/api/devices/{name}", delete(api_remove_device))
         .route("/health", get(|| async { "ok\n" }))
         .fallback(|| async {
             ApiError::new(
@@ -656,7 +660,7 @@ async fn status(State(st): St) -> Result<Json<Value>, ApiError> {
             "registered": st.store.models()?.len(),
         },
         "plan": plan,
-        "cluster": st.cluster.as_ref().map(|c| c.read().expect("cluster status").clone()),
+        "cluster": st.cluster.as_ref().map(|c| c.status.read().expect("cluster status").clone()),
         "load": {
             "running": s.running.load(Ordering::Relaxed),
             "queued": w.queued(),
@@ -909,4 +913,66 @@ async fn pull(
     st.store.put_model(&entry)?;
     tracing::info!(model = %entry.name, path = %entry.path.display(), "model pulled and registered");
     Ok(entry)
+}
+
+fn cluster_of(st: &AppState) -> Result<&Arc<crate::cluster::service::ClusterCtl>, ApiError> {
+    st.cluster.as_ref().ok_or_else(|| {
+        ApiError::new(
+            StatusCode::CONFLICT,
+            "invalid_request_error",
+            "the cluster is off on this device ([cluster] enabled = false)",
+        )
+    })
+}
+
+fn cluster_error(e: anyhow::Error) -> ApiError {
+    ApiError::new(
+        StatusCode::BAD_REQUEST,
+        "invalid_request_error",
+        format!("{e:#}"),
+    )
+}
+
+async fn api_pair(State(st): St) -> Result<Json<Value>, ApiError> {
+    let c = cluster_of(&st)?;
+    let (code, secs) = c.pair().await.map_err(cluster_error)?;
+    Ok(Json(json!({"code": code, "expires_in_s": secs})))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct JoinBody {
+    code: String,
+    #[serde(default)]
+    addr: Option<String>,
+}
+
+async fn api_join(State(st): St, body: Result<Bytes, BytesRejection>) -> Response {
+    let r: JoinBody = match parse_body(body) {
+        Ok(r) => r,
+        Err(e) => return e.into_response(),
+    };
+    let c = match cluster_of(&st) {
+        Ok(c) => c,
+        Err(e) => return e.into_response(),
+    };
+    match c.join(&r.code, r.addr.as_deref()).await {
+        Ok(roster) => Json(json!({"joined": true, "roster": roster})).into_response(),
+        Err(e) => cluster_error(e).into_response(),
+    }
+}
+
+async fn api_devices(State(st): St) -> Result<Json<Value>, ApiError> {
+    let c = cluster_of(&st)?;
+    let s = c.status.read().expect("cluster status").clone();
+    Ok(Json(json!({"roster": s.roster, "devices": s.devices})))
+}
+
+async fn api_remove_device(
+    State(st): St,
+    Path(name): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let c = cluster_of(&st)?;
+    let r = c.remove(&name).await.map_err(cluster_error)?;
+    Ok(Json(json!({"removed": name, "roster": r})))
 }

@@ -77,22 +77,19 @@ async fn serve(cfg: Config) -> Result<()> {
         queue_limit: cfg.api.queue_limit,
     });
     let cluster = if cfg.cluster.enabled {
-        let secret = if cfg.cluster.open_household {
+        if cfg.cluster.open_household {
             tracing::warn!(
                 "[cluster] open_household is on: any prima device on this network may join \
                  this household and see its traffic"
             );
-            crate::cluster::net::open_household_secret()
-        } else {
-            store.household_secret()?
-        };
+        }
         Some(
-            crate::cluster::net::start(crate::cluster::net::Settings {
-                cfg: cfg.cluster.clone(),
-                key: key.clone(),
-                secret,
-                profile: crate::cluster::net::Profile::local(&node_name),
-            })
+            crate::cluster::service::ClusterCtl::start(
+                cfg.cluster.clone(),
+                key.clone(),
+                crate::cluster::net::Profile::local(&node_name),
+                store.clone(),
+            )
             .await?,
         )
     } else {
@@ -110,7 +107,7 @@ async fn serve(cfg: Config) -> Result<()> {
         node_id: node_id.clone(),
         node_name: node_name.clone(),
         started: Instant::now(),
-        cluster: cluster.as_ref().map(|c| c.status.clone()),
+        cluster: cluster.clone(),
     });
     let app = api::router(state.clone());
     match store

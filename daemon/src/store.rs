@@ -49,6 +49,7 @@ pub struct Store {
 const IDENTITY: &[u8] = b"identity";
 const IDENTITY_HOME: &[u8] = b"identity-home";
 const HOUSEHOLD: &[u8] = b"household-secret";
+const ROSTER: &[u8] = b"roster";
 const PROFILE: &[u8] = b"profile";
 
 impl Store {
@@ -161,6 +162,43 @@ impl Store {
             }
             Err(_) => self.household_secret(),
         }
+    }
+
+    /// Joins another household: its secret and roster replace ours in one
+    /// batch, flushed before returning.
+    pub fn set_household(
+        &self,
+        secret: &[u8; 32],
+        roster: &crate::cluster::roster::SignedRoster,
+    ) -> Result<(), StoreError> {
+        let mut b = sled::Batch::default();
+        b.insert(HOUSEHOLD, &secret[..]);
+        b.insert(ROSTER, serde_json::to_vec(roster).expect("json"));
+        self.meta.apply_batch(b)?;
+        self.db.flush()?;
+        Ok(())
+    }
+
+    pub fn roster(&self) -> Result<Option<crate::cluster::roster::SignedRoster>, StoreError> {
+        match self.meta.get(ROSTER)? {
+            Some(v) => serde_json::from_slice(&v)
+                .map(Some)
+                .map_err(|e| StoreError::Corrupt {
+                    what: "roster".into(),
+                    detail: e.to_string(),
+                }),
+            None => Ok(None),
+        }
+    }
+
+    pub fn set_roster(
+        &self,
+        roster: &crate::cluster::roster::SignedRoster,
+    ) -> Result<(), StoreError> {
+        self.meta
+            .insert(ROSTER, serde_json::to_vec(roster).expect("json"))?;
+        self.db.flush()?;
+        Ok(())
     }
 
     pub fn peer_id(&self) -> Result<PeerId, StoreError> {

@@ -221,6 +221,17 @@ impl NsDaemon {
         serde_json::from_slice(&o.stdout).ok()
     }
 
+    /// Runs `primactl` inside this daemon's host.
+    pub fn ctl(&self, args: &[&str]) -> Output {
+        Command::new("ip")
+            .args(["netns", "exec", &self.ns])
+            .arg(crate::bin("primactl"))
+            .args(args)
+            .env_remove("PRIMA_API")
+            .output()
+            .expect("running primactl")
+    }
+
     pub fn kill9(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();

@@ -59,6 +59,29 @@ fn wait_agreement(ds: &[&NsDaemon], want: &[String], timeout: Duration) -> (Dura
     }
 }
 
+/// Pairs `joiner` into `member`'s household with a fresh code.
+fn pair(member: &NsDaemon, joiner: &NsDaemon) {
+    let o = member.ctl(&["pair", "--no-wait"]);
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert!(
+        o.status.success(),
+        "pair: {out} {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let code = out
+        .split_whitespace()
+        .find(|w| w.len() == 11 && w.chars().filter(|c| *c == '-').count() == 2)
+        .unwrap_or_else(|| panic!("no code in {out}"))
+        .to_string();
+    let o = joiner.ctl(&["join", &code]);
+    assert!(
+        o.status.success(),
+        "join: {} {}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
 fn wait_status(d: &NsDaemon) -> Value {
     let t = Instant::now();
     loop {
@@ -77,11 +100,32 @@ fn wait_status(d: &NsDaemon) -> Value {
 #[test]
 fn household_forms_survives_a_dead_coordinator_and_takes_it_back() {
     let hosts = Hosts::create(3).expect("hosts");
-    let t0 = Instant::now();
     let mut ds: Vec<NsDaemon> = (0..3)
-        .map(|i| NsDaemon::start(&hosts, i, &config(&format!("dev{i}"), OPEN)))
+        .map(|i| NsDaemon::start(&hosts, i, &config(&format!("dev{i}"), "")))
         .collect();
     let ids: Vec<String> = ds.iter().map(|d| id(&wait_status(d))).collect();
+    // Pairing, end to end with the codes.
+    let t = Instant::now();
+    pair(&ds[0], &ds[1]);
+    pair(&ds[1], &ds[2]);
+    let refs: Vec<&NsDaemon> = ds.iter().collect();
+    let (took, _) = wait_agreement(&refs, &ids, Duration::from_secs(10));
+    eprintln!(
+        "paired 3 devices in {:?} (agreement {took:?} after the last join)",
+        t.elapsed()
+    );
+    drop(refs);
+    // Now the household's devices start fresh: discovery and election time.
+    for d in ds.iter_mut() {
+        d.kill9();
+    }
+    let t0 = Instant::now();
+    for d in ds.iter_mut() {
+        d.spawn(&hosts);
+    }
+    for d in &ds {
+        wait_status(d);
+    }
     let up = t0.elapsed();
     let refs: Vec<&NsDaemon> = ds.iter().collect();
     let (took, coord) = wait_agreement(&refs, &ids, Duration::from_secs(10));
@@ -172,8 +216,11 @@ fn a_cut_link_is_dead_then_alive_again() {
 fn an_unpaired_device_cannot_join() {
     let hosts = Hosts::create(3).expect("hosts");
     let members: Vec<NsDaemon> = (0..2)
-        .map(|i| NsDaemon::start(&hosts, i, &config(&format!("dev{i}"), OPEN)))
+        .map(|i| NsDaemon::start(&hosts, i, &config(&format!("dev{i}"), "")))
         .collect();
+    wait_status(&members[0]);
+    wait_status(&members[1]);
+    pair(&members[0], &members[1]);
     // The stranger has a household of its own, and even dials a member directly.
     let stranger = NsDaemon::start(
         &hosts,
@@ -221,4 +268,86 @@ fn an_unpaired_device_cannot_join() {
     let s = stranger.status().unwrap();
     let devs = s["cluster"]["devices"].as_array().unwrap();
     assert_eq!(devs.len(), 1, "the stranger saw members: {devs:?}");
+}
+
+#[test]
+fn wrong_codes_fail_and_close_the_offer_then_removal_locks_out() {
+    let hosts = Hosts::create(2).expect("hosts");
+    let ds: Vec<NsDaemon> = (0..2)
+        .map(|i| NsDaemon::start(&hosts, i, &config(&format!("dev{i}"), "")))
+        .collect();
+    let ids: Vec<String> = ds.iter().map(|d| id(&wait_status(d))).collect();
+    let o = ds[0].ctl(&["pair", "--no-wait"]);
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    let code = out
+        .split_whitespace()
+        .find(|w| w.len() == 11)
+        .unwrap()
+        .to_string();
+    let wrong = if code.starts_with('9') {
+        code.replacen('9', "1", 1)
+    } else {
+        format!("9{}", &code[1..])
+    };
+    let addr = hosts.addr(0);
+    for attempt in 1..=3 {
+        let o = ds[1].ctl(&["join", &wrong, "--addr", &addr]);
+        assert!(
+            !o.status.success(),
+            "attempt {attempt} with a wrong code succeeded"
+        );
+        let e = String::from_utf8_lossy(&o.stderr);
+        assert!(e.contains("not accepted") || e.contains("connect"), "{e}");
+    }
+    // Three strikes: the offer is closed, even the right code fails now.
+    let t = Instant::now();
+    while ds[0].status().unwrap()["cluster"]["pairing"] == true {
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "the offer stayed open"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let o = ds[1].ctl(&["join", &code, "--addr", &addr]);
+    assert!(
+        !o.status.success(),
+        "a closed offer accepted the right code"
+    );
+    let s1 = ds[1].status().unwrap();
+    assert_eq!(s1["cluster"]["devices"].as_array().unwrap().len(), 1);
+
+    // A fresh code works; then removing the device locks it out.
+    pair(&ds[0], &ds[1]);
+    let refs: Vec<&NsDaemon> = ds.iter().collect();
+    wait_agreement(&refs, &ids, Duration::from_secs(10));
+    let o = ds[0].ctl(&["devices", "remove", "dev1"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let t = Instant::now();
+    loop {
+        let s = ds[0].status().unwrap();
+        let gone = s["cluster"]["devices"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|d| d["id"] != ids[1].as_str());
+        if gone {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "removed device still listed: {s}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // It stays out: its connections are refused.
+    std::thread::sleep(Duration::from_secs(2));
+    let s = ds[0].status().unwrap();
+    assert!(
+        s["cluster"]["devices"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|d| d["id"] != ids[1].as_str()),
+        "the removed device came back: {s}"
+    );
 }

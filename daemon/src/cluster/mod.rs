@@ -5,3 +5,6 @@
 pub mod election;
 pub mod membership;
 pub mod net;
+pub mod pairing;
+pub mod roster;
+pub mod service;

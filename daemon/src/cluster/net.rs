@@ -23,12 +23,13 @@ use std::{
 use anyhow::{Context, Result};
 use futures_util::StreamExt;
 use libp2p::{
+    allow_block_list::{self, AllowedPeers},
     core::{upgrade::Version, Transport},
     gossipsub, identify,
     multiaddr::Protocol,
     noise, ping,
     pnet::{PnetConfig, PreSharedKey},
-    swarm::{NetworkBehaviour, SwarmEvent},
+    swarm::{behaviour::toggle::Toggle, NetworkBehaviour, SwarmEvent},
     tcp, yamux, Multiaddr, PeerId, Swarm,
 };
 use serde::{Deserialize, Serialize};
@@ -38,6 +39,7 @@ use tokio::sync::mpsc;
 use super::{
     election::{self, Election},
     membership::{self, Membership, MembershipConfig, PeerState},
+    roster::SignedRoster,
 };
 
 pub const SERVICE: &str = "_prima._tcp.local.";
@@ -90,6 +92,9 @@ struct Heartbeat {
     coordinator: String,
     #[serde(default)]
     bye: bool,
+    /// The sender's roster (paired households), so changes spread.
+    #[serde(default)]
+    roster: Option<SignedRoster>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -110,6 +115,9 @@ pub struct DeviceStatus {
 pub struct Nearby {
     pub instance: String,
     pub addrs: Vec<String>,
+    /// A member of some household offering to pair (`primactl pair`), and
+    /// the port to pair on.
+    pub pairing_port: Option<u16>,
 }
 
 #[derive(Debug, Clone, Serialize, Default)]
@@ -125,10 +133,18 @@ pub struct ClusterStatus {
     /// prima devices on the LAN that are not of this household.
     pub nearby_unpaired: Vec<Nearby>,
     pub listen: Vec<String>,
+    /// Paired households: the roster (peer id -> name) and its epoch.
+    pub roster: Option<super::roster::Roster>,
+    /// A pairing code is open on this device.
+    pub pairing: bool,
 }
 
 pub enum Command {
     Shutdown,
+    /// Announce (or stop announcing) that this device accepts pairing.
+    SetPairing(bool),
+    /// A new roster made here (a device paired or removed): apply and spread.
+    Roster(SignedRoster),
 }
 
 pub struct Cluster {
@@ -138,6 +154,14 @@ pub struct Cluster {
 }
 
 impl Cluster {
+    pub fn sender(&self) -> mpsc::Sender<Command> {
+        self.commands.clone()
+    }
+
+    pub async fn send(&self, c: Command) {
+        let _ = self.commands.send(c).await;
+    }
+
     /// Says goodbye to the household and stops the loop.
     pub async fn shutdown(self) {
         let _ = self.commands.send(Command::Shutdown).await;
@@ -147,6 +171,9 @@ impl Cluster {
 
 #[derive(NetworkBehaviour)]
 struct Behaviour {
+    /// Paired households: only roster members may connect (checked when a
+    /// connection is established, before any protocol stream opens).
+    gate: Toggle<allow_block_list::Behaviour<AllowedPeers>>,
     gossipsub: gossipsub::Behaviour,
     ping: ping::Behaviour,
     identify: identify::Behaviour,
@@ -157,6 +184,14 @@ pub struct Settings {
     pub key: libp2p_identity::Keypair,
     pub secret: [u8; 32],
     pub profile: Profile,
+    /// None for an open household (no roster, no gate).
+    pub roster: Option<SignedRoster>,
+    pub store: Arc<crate::store::Store>,
+}
+
+/// The port pairing listens on while a code is open.
+pub fn pairing_port(cfg: &prima_config::Cluster) -> u16 {
+    cfg.listen_port.wrapping_add(1)
 }
 
 /// The key all devices of an open household share.
@@ -256,7 +291,17 @@ fn build_swarm(s: &Settings) -> Result<Swarm<Behaviour>> {
             )
             .map_err(|e| anyhow::anyhow!("gossipsub: {e}"))?;
             gossipsub.subscribe(&topic)?;
+            let gate = s.roster.as_ref().map(|r| {
+                let mut g = allow_block_list::Behaviour::<AllowedPeers>::default();
+                for id in r.roster.members.keys() {
+                    if let Ok(p) = id.parse::<PeerId>() {
+                        g.allow_peer(p);
+                    }
+                }
+                g
+            });
             Ok(Behaviour {
+                gate: Toggle::from(gate),
                 gossipsub,
                 ping: ping::Behaviour::new(
                     ping::Config::new().with_interval(Duration::from_millis(1000)),
@@ -279,8 +324,9 @@ fn household_topic(secret: &[u8; 32]) -> gossipsub::IdentTopic {
     ))
 }
 
-/// Starts the loop. Fails (with what to do) when the port is taken.
-pub async fn start(s: Settings) -> Result<Cluster> {
+/// Starts the loop, writing its state into `status`. Fails (with what to
+/// do) when the port is taken.
+pub async fn start(s: Settings, status: Arc<RwLock<ClusterStatus>>) -> Result<Cluster> {
     let mut swarm = build_swarm(&s)?;
     let listen: Multiaddr = format!("/ip4/0.0.0.0/tcp/{}", s.cfg.listen_port)
         .parse()
@@ -296,12 +342,13 @@ pub async fn start(s: Settings) -> Result<Cluster> {
     } else {
         None
     };
-    let status = Arc::new(RwLock::new(ClusterStatus {
+    *status.write().expect("status") = ClusterStatus {
         enabled: true,
         household: fingerprint(&s.secret),
         open_household: s.cfg.open_household,
+        roster: s.roster.as_ref().map(|r| r.roster.clone()),
         ..Default::default()
-    }));
+    };
     let (tx, rx) = mpsc::channel(16);
     let lp = Loop::new(s, swarm, mdns, status.clone());
     let task = tokio::spawn(lp.run(rx));
@@ -317,13 +364,25 @@ struct Mdns {
     events: mdns_sd::Receiver<mdns_sd::ServiceEvent>,
     instance: String,
     window: u64,
+    /// While pairing is open: a second instance whose TXT carries the
+    /// pairing port (a new instance is noticed at once, where a changed TXT
+    /// record on a known one may not be).
+    pair_instance: Option<String>,
 }
 
-fn service_info(s: &Settings, instance: &str, window: u64) -> Result<mdns_sd::ServiceInfo> {
-    let props = [
+fn service_info(
+    s: &Settings,
+    instance: &str,
+    window: u64,
+    pairing: bool,
+) -> Result<mdns_sd::ServiceInfo> {
+    let mut props = vec![
         ("v", PROTOCOL_VERSION.to_string()),
         ("tag", tag(&s.secret, window)),
     ];
+    if pairing {
+        props.push(("pair", pairing_port(&s.cfg).to_string()));
+    }
     Ok(mdns_sd::ServiceInfo::new(
         SERVICE,
         instance,
@@ -351,13 +410,14 @@ fn start_mdns(s: &Settings) -> Result<Mdns> {
     }
     let instance = format!("prima-{:016x}", rand::random::<u64>());
     let window = window_now();
-    daemon.register(service_info(s, &instance, window)?)?;
+    daemon.register(service_info(s, &instance, window, false)?)?;
     let events = daemon.browse(SERVICE)?;
     Ok(Mdns {
         daemon,
         events,
         instance,
         window,
+        pair_instance: None,
     })
 }
 
@@ -380,6 +440,8 @@ struct Loop {
     /// Member addresses worth dialling, with the last attempt.
     dialable: HashMap<Multiaddr, Option<Instant>>,
     nearby: BTreeMap<String, Nearby>,
+    roster: Option<SignedRoster>,
+    pairing: bool,
 }
 
 impl Loop {
@@ -406,6 +468,7 @@ impl Loop {
                 }
             }
         }
+        let roster = s.roster.clone();
         Self {
             topic: household_topic(&s.secret),
             election: Election::new(
@@ -422,6 +485,8 @@ impl Loop {
             peers: HashMap::new(),
             dialable,
             nearby: BTreeMap::new(),
+            roster,
+            pairing: false,
         }
     }
 
@@ -446,6 +511,11 @@ impl Loop {
                 _ = tick.tick() => self.on_tick(),
                 _ = redial.tick() => self.redial(),
                 cmd = commands.recv() => match cmd {
+                    Some(Command::SetPairing(on)) => {
+                        self.pairing = on;
+                        self.announce();
+                    }
+                    Some(Command::Roster(r)) => self.apply_roster(r),
                     Some(Command::Shutdown) | None => {
                         self.publish(true);
                         // Let the goodbye leave before the connections close.
@@ -455,6 +525,9 @@ impl Loop {
                         }
                         if let Some(m) = &self.mdns {
                             let _ = m.daemon.unregister(&format!("{}.{SERVICE}", m.instance));
+                            if let Some(p) = &m.pair_instance {
+                                let _ = m.daemon.unregister(&format!("{p}.{SERVICE}"));
+                            }
                             let _ = m.daemon.shutdown();
                         }
                         break;
@@ -472,6 +545,7 @@ impl Loop {
             term: view.term,
             coordinator: view.coordinator.clone(),
             bye,
+            roster: self.roster.clone(),
         };
         let data = serde_json::to_vec(&hb).expect("heartbeats serialise");
         // No peers yet is normal for a household of one.
@@ -561,6 +635,19 @@ impl Loop {
             tracing::warn!(peer = %from, version = hb.v, "dropped gossip of another protocol version");
             return;
         }
+        if let Some(r) = hb.roster.clone() {
+            if self
+                .roster
+                .as_ref()
+                .is_some_and(|mine| r.roster.epoch > mine.roster.epoch)
+            {
+                if r.verify(&self.s.secret) {
+                    self.apply_roster(r);
+                } else {
+                    tracing::warn!(peer = %from, "dropped a roster with a bad signature");
+                }
+            }
+        }
         let now = Instant::now();
         let id = from.to_string();
         let changes = if hb.bye {
@@ -644,12 +731,68 @@ impl Loop {
         self.write_status();
     }
 
+    /// Installs a newer roster: the gate follows it, it is stored, and it
+    /// spreads with the next heartbeats.
+    fn apply_roster(&mut self, r: SignedRoster) {
+        let old: Vec<String> = self
+            .roster
+            .as_ref()
+            .map(|o| o.roster.members.keys().cloned().collect())
+            .unwrap_or_default();
+        if let Some(g) = self.swarm.behaviour_mut().gate.as_mut() {
+            for id in r.roster.members.keys() {
+                if let Ok(p) = id.parse::<PeerId>() {
+                    g.allow_peer(p);
+                }
+            }
+            for id in old.iter().filter(|id| !r.roster.contains(id)) {
+                if let Ok(p) = id.parse::<PeerId>() {
+                    tracing::info!(peer = %p, "device removed from the household");
+                    g.disallow_peer(p);
+                    let _ = self
+                        .membership
+                        .on_event(Instant::now(), membership::Event::Removed(id.clone()));
+                }
+            }
+        }
+        if !r.roster.contains(&self.me.to_string()) {
+            tracing::warn!("this device was removed from its household; pair it again to rejoin");
+        }
+        if let Err(e) = self.s.store.set_roster(&r) {
+            tracing::warn!(error = %e, "could not store the roster");
+        }
+        tracing::info!(
+            epoch = r.roster.epoch,
+            members = r.roster.members.len(),
+            "roster updated"
+        );
+        self.status.write().expect("status").roster = Some(r.roster.clone());
+        self.roster = Some(r);
+    }
+
+    fn announce(&mut self) {
+        let Some(m) = &mut self.mdns else { return };
+        if let Some(old) = m.pair_instance.take() {
+            let _ = m.daemon.unregister(&format!("{old}.{SERVICE}"));
+        }
+        if self.pairing {
+            let inst = format!("prima-{:016x}", rand::random::<u64>());
+            match service_info(&self.s, &inst, window_now(), true) {
+                Ok(info) => match m.daemon.register(info) {
+                    Ok(()) => m.pair_instance = Some(inst),
+                    Err(e) => tracing::warn!(error = %e, "mDNS pairing announcement failed"),
+                },
+                Err(e) => tracing::warn!(error = %e, "mDNS record"),
+            }
+        }
+    }
+
     fn refresh_mdns_tag(&mut self) {
         let Some(m) = &mut self.mdns else { return };
         let w = window_now();
         if w != m.window {
             m.window = w;
-            match service_info(&self.s, &m.instance, w) {
+            match service_info(&self.s, &m.instance, w, false) {
                 Ok(info) => {
                     if let Err(e) = m.daemon.register(info) {
                         tracing::warn!(error = %e, "mDNS re-announcement failed");
@@ -661,11 +804,21 @@ impl Loop {
     }
 
     fn on_mdns(&mut self, ev: mdns_sd::ServiceEvent) {
-        let mdns_sd::ServiceEvent::ServiceResolved(svc) = ev else {
-            return;
+        let svc = match ev {
+            mdns_sd::ServiceEvent::ServiceResolved(svc) => svc,
+            mdns_sd::ServiceEvent::ServiceRemoved(_, fullname) => {
+                let instance = fullname.trim_end_matches(SERVICE).trim_end_matches('.');
+                self.nearby.remove(instance);
+                return;
+            }
+            _ => return,
         };
         let Some(m) = &self.mdns else { return };
-        if svc.fullname.starts_with(&m.instance) {
+        if svc.fullname.starts_with(&m.instance)
+            || m.pair_instance
+                .as_ref()
+                .is_some_and(|p| svc.fullname.starts_with(p))
+        {
             return; // ourselves
         }
         let addrs: Vec<Ipv4Addr> = svc.get_addresses_v4().into_iter().collect();
@@ -694,11 +847,16 @@ impl Loop {
             if !self.nearby.contains_key(&instance) {
                 tracing::info!(%instance, "an unpaired prima device is nearby");
             }
+            let pairing_port = svc
+                .txt_properties
+                .get_property_val_str("pair")
+                .and_then(|p| p.parse().ok());
             self.nearby.insert(
                 instance.clone(),
                 Nearby {
                     instance,
                     addrs: addrs.iter().map(|a| a.to_string()).collect(),
+                    pairing_port,
                 },
             );
         }
@@ -780,6 +938,7 @@ impl Loop {
         st.coordinator = Some(view.coordinator.clone());
         st.devices = devices;
         st.nearby_unpaired = self.nearby.values().cloned().collect();
+        st.pairing = self.pairing;
     }
 }
 
@@ -827,6 +986,7 @@ mod tests {
             term: 1,
             coordinator: "c".into(),
             bye: false,
+            roster: None,
         })
         .unwrap();
         assert!(serde_json::from_slice::<Heartbeat>(&ok).is_ok());
