@@ -63,6 +63,15 @@ enum Command {
     Tokenize(TokenizeArgs),
     /// Measure prefill and decode speed (tokens/s), like llama-bench.
     Bench(BenchArgs),
+    /// Test aid: act as this (stopped) device and send malformed gossip.
+    #[command(hide = true)]
+    DebugHostileGossip {
+        #[command(flatten)]
+        serve: ServeArgs,
+        /// The member to send to, e.g. /ip4/10.77.0.1/tcp/7341.
+        #[arg(long)]
+        peer: String,
+    },
 }
 
 #[derive(Args)]
@@ -228,6 +237,16 @@ fn serve(a: ServeArgs) -> Result<()> {
 fn tool(c: Command) -> Result<()> {
     match c {
         Command::Serve(_) => unreachable!("handled by the caller"),
+        Command::DebugHostileGossip { serve, peer } => {
+            let cfg = primad::serve::load_config(
+                serve.config.as_deref(),
+                &primad::serve::Overrides {
+                    state_dir: serve.state_dir,
+                    api_addr: serve.api_addr,
+                },
+            )?;
+            primad::serve::hostile_gossip(cfg, &peer)
+        }
         Command::Generate(a) => generate(a),
         Command::Perplexity(a) => perplexity(a),
         Command::Inspect(a) => inspect(a),

@@ -218,3 +218,32 @@ fn sd_notify(msg: &str) {
     #[cfg(not(target_os = "linux"))]
     let _ = msg;
 }
+
+/// `primad debug-hostile-gossip`: acts as this state dir's device (stopped
+/// first) and sends bad gossip to `peer`; for the multi-host tests.
+pub fn hostile_gossip(cfg: Config, peer: &str) -> Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let state_dir = cfg.state_dir();
+        let store = Arc::new(Store::open(&state_dir)?);
+        let (key, _) = store.identity_for_home(&crate::store::home_fingerprint(&state_dir))?;
+        let name = if cfg.node.name.is_empty() {
+            hostname()
+        } else {
+            cfg.node.name.clone()
+        };
+        let n = crate::cluster::service::ClusterCtl::hostile_gossip(
+            cfg.cluster.clone(),
+            key,
+            crate::cluster::net::Profile::local(&name),
+            store,
+            peer,
+        )
+        .await?;
+        eprintln!("sent {n} hostile gossip messages to {peer}");
+        Ok(())
+    })
+}

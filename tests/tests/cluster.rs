@@ -351,3 +351,58 @@ fn wrong_codes_fail_and_close_the_offer_then_removal_locks_out() {
         "the removed device came back: {s}"
     );
 }
+
+#[test]
+fn malformed_gossip_from_a_paired_device_is_dropped() {
+    let hosts = Hosts::create(3).expect("hosts");
+    let mut ds: Vec<NsDaemon> = (0..3)
+        .map(|i| NsDaemon::start(&hosts, i, &config(&format!("dev{i}"), "")))
+        .collect();
+    let ids: Vec<String> = ds.iter().map(|d| id(&wait_status(d))).collect();
+    pair(&ds[0], &ds[1]);
+    pair(&ds[0], &ds[2]);
+    let refs: Vec<&NsDaemon> = ds.iter().collect();
+    wait_agreement(&refs, &ids, Duration::from_secs(10));
+    drop(refs);
+    let epoch = ds[0].status().unwrap()["cluster"]["roster"]["epoch"].clone();
+    // Device 2 turns hostile: same identity and household key, bad frames.
+    ds[2].kill9();
+    let o = hosts
+        .command(2, prima_tests::bin("primad"))
+        .arg("debug-hostile-gossip")
+        .arg("--config")
+        .arg(ds[2].dir.path().join("primad.toml"))
+        .arg("--state-dir")
+        .arg(ds[2].dir.path().join("state"))
+        .args(["--peer", &format!("/ip4/{}/tcp/7341", hosts.addr(0))])
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "hostile sender: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("sent 5"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    // Both members still run, still see each other, and kept their roster.
+    for d in &ds[..2] {
+        let s = d.status().expect("a member stopped answering");
+        assert_eq!(
+            s["cluster"]["roster"]["epoch"], epoch,
+            "a forged roster was taken"
+        );
+    }
+    let refs: Vec<&NsDaemon> = ds[..2].iter().collect();
+    wait_agreement(&refs, &ids[..2], Duration::from_secs(5));
+    let log = ds[0].log();
+    assert!(log.contains("dropped a malformed gossip message"), "{log}");
+    assert!(
+        log.contains("dropped gossip of another protocol version"),
+        "{log}"
+    );
+    assert!(log.contains("roster with a bad signature"), "{log}");
+}

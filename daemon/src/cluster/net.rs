@@ -262,6 +262,10 @@ fn interface_names() -> Vec<String> {
 }
 
 fn build_swarm(s: &Settings) -> Result<Swarm<Behaviour>> {
+    build_swarm_with(s, MAX_GOSSIP_BYTES)
+}
+
+fn build_swarm_with(s: &Settings, max_transmit: usize) -> Result<Swarm<Behaviour>> {
     let psk = PreSharedKey::new(s.secret);
     let topic = household_topic(&s.secret);
     let swarm = libp2p::SwarmBuilder::with_existing_identity(s.key.clone())
@@ -281,7 +285,7 @@ fn build_swarm(s: &Settings) -> Result<Swarm<Behaviour>> {
             let gcfg = gossipsub::ConfigBuilder::default()
                 .heartbeat_interval(Duration::from_millis(500))
                 .validation_mode(gossipsub::ValidationMode::Strict)
-                .max_transmit_size(MAX_GOSSIP_BYTES)
+                .max_transmit_size(max_transmit)
                 .flood_publish(true)
                 .build()
                 .map_err(|e| anyhow::anyhow!("gossipsub config: {e}"))?;
@@ -322,6 +326,70 @@ fn household_topic(secret: &[u8; 32]) -> gossipsub::IdentTopic {
         "/prima/household/{}/{PROTOCOL_VERSION}",
         fingerprint(secret)
     ))
+}
+
+/// For tests of hostile input: joins the household as the device of `s`
+/// (which must be on the roster) by dialling `target`, then publishes
+/// malformed, wrongly versioned, forged and oversized gossip. Returns how
+/// many messages went out.
+pub async fn send_hostile_gossip(s: Settings, target: Multiaddr) -> Result<usize> {
+    let mut swarm = build_swarm_with(&s, 1 << 20)?;
+    let topic = household_topic(&s.secret);
+    swarm.dial(target.clone())?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let ev = tokio::time::timeout_at(deadline, swarm.select_next_some())
+            .await
+            .map_err(|_| {
+                anyhow::anyhow!("no member subscribed within 10 s (is {target} on the roster?)")
+            })?;
+        if let SwarmEvent::Behaviour(BehaviourEvent::Gossipsub(gossipsub::Event::Subscribed {
+            ..
+        })) = ev
+        {
+            break;
+        }
+    }
+    let good = Heartbeat {
+        v: PROTOCOL_VERSION,
+        profile: s.profile.clone(),
+        term: 1,
+        coordinator: String::new(),
+        bye: false,
+        roster: None,
+    };
+    let mut wrong_version = good.clone();
+    wrong_version.v = 99;
+    let mut forged = good.clone();
+    if let Some(r) = &s.roster {
+        let mut r = r.roster.clone();
+        r.epoch += 1000;
+        r.members.clear();
+        forged.roster = Some(r.sign(&[0xAA; 32]));
+    }
+    let payloads: Vec<Vec<u8>> = vec![
+        b"\xff\xfe not json at all".to_vec(),
+        br#"{"v":1,"profile":{"name":"x"}}"#.to_vec(),
+        serde_json::to_vec(&wrong_version)?,
+        serde_json::to_vec(&forged)?,
+        vec![b'{'; 4 * MAX_GOSSIP_BYTES],
+    ];
+    let mut sent = 0;
+    for p in payloads {
+        if swarm
+            .behaviour_mut()
+            .gossipsub
+            .publish(topic.clone(), p)
+            .is_ok()
+        {
+            sent += 1;
+        }
+        let until = tokio::time::Instant::now() + Duration::from_millis(200);
+        while let Ok(_ev) = tokio::time::timeout_at(until, swarm.select_next_some()).await {}
+    }
+    let until = tokio::time::Instant::now() + Duration::from_millis(500);
+    while let Ok(_ev) = tokio::time::timeout_at(until, swarm.select_next_some()).await {}
+    Ok(sent)
 }
 
 /// Starts the loop, writing its state into `status`. Fails (with what to

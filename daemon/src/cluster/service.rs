@@ -84,6 +84,43 @@ impl ClusterCtl {
         Ok((secret, Some(roster)))
     }
 
+    /// See [`net::send_hostile_gossip`].
+    pub async fn hostile_gossip(
+        cfg: prima_config::Cluster,
+        key: Keypair,
+        profile: Profile,
+        store: Arc<Store>,
+        target: &str,
+    ) -> Result<usize> {
+        let me = key.public().to_peer_id().to_string();
+        let ctl = Self {
+            status: Arc::new(RwLock::new(ClusterStatus::default())),
+            running: Mutex::new(None),
+            cfg: cfg.clone(),
+            key: key.clone(),
+            profile: profile.clone(),
+            store: store.clone(),
+            me,
+            offer: Mutex::new(None),
+        };
+        let (secret, roster) = ctl.household()?;
+        let target = target
+            .parse()
+            .map_err(|e| anyhow!("--peer {target}: {e}"))?;
+        net::send_hostile_gossip(
+            Settings {
+                cfg,
+                key,
+                secret,
+                profile,
+                roster,
+                store,
+            },
+            target,
+        )
+        .await
+    }
+
     async fn launch(&self) -> Result<()> {
         let (secret, roster) = self.household()?;
         let c = net::start(
