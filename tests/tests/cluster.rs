@@ -405,4 +405,5 @@ fn malformed_gossip_from_a_paired_device_is_dropped() {
         "{log}"
     );
     assert!(log.contains("roster with a bad signature"), "{log}");
+    assert!(log.contains("dropped an oversized gossip message"), "{log}");
 }

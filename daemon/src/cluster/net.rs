@@ -44,8 +44,11 @@ use super::{
 
 pub const SERVICE: &str = "_prima._tcp.local.";
 pub const PROTOCOL_VERSION: u32 = 1;
-/// Largest gossip message accepted; bigger ones are dropped by gossipsub.
+/// Largest gossip message the daemon accepts; bigger ones are dropped with a
+/// log line.
 pub const MAX_GOSSIP_BYTES: usize = 64 * 1024;
+/// Largest frame gossipsub decodes at all (bigger ones it drops itself).
+const MAX_GOSSIP_FRAME: usize = 1 << 20;
 const TAG_WINDOW_SECS: u64 = 300;
 
 /// What this device tells the household about itself (the profiler issue
@@ -262,7 +265,7 @@ fn interface_names() -> Vec<String> {
 }
 
 fn build_swarm(s: &Settings) -> Result<Swarm<Behaviour>> {
-    build_swarm_with(s, MAX_GOSSIP_BYTES)
+    build_swarm_with(s, MAX_GOSSIP_FRAME)
 }
 
 fn build_swarm_with(s: &Settings, max_transmit: usize) -> Result<Swarm<Behaviour>> {
@@ -333,7 +336,7 @@ fn household_topic(secret: &[u8; 32]) -> gossipsub::IdentTopic {
 /// malformed, wrongly versioned, forged and oversized gossip. Returns how
 /// many messages went out.
 pub async fn send_hostile_gossip(s: Settings, target: Multiaddr) -> Result<usize> {
-    let mut swarm = build_swarm_with(&s, 1 << 20)?;
+    let mut swarm = build_swarm_with(&s, MAX_GOSSIP_FRAME)?;
     let topic = household_topic(&s.secret);
     swarm.dial(target.clone())?;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
@@ -690,6 +693,10 @@ impl Loop {
             return;
         };
         if from == self.me {
+            return;
+        }
+        if message.data.len() > MAX_GOSSIP_BYTES {
+            tracing::warn!(peer = %from, bytes = message.data.len(), limit = MAX_GOSSIP_BYTES, "dropped an oversized gossip message");
             return;
         }
         let hb: Heartbeat = match serde_json::from_slice(&message.data) {
