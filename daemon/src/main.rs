@@ -63,6 +63,8 @@ enum Command {
     Tokenize(TokenizeArgs),
     /// Measure prefill and decode speed (tokens/s), like llama-bench.
     Bench(BenchArgs),
+    /// Plan a model onto devices offline with Halda ("what if I add my phone?").
+    Plan(PlanArgs),
     /// Test aid: act as this (stopped) device and send malformed gossip.
     #[command(hide = true)]
     DebugHostileGossip {
@@ -91,6 +93,29 @@ struct BenchArgs {
     #[arg(long)]
     bandwidth: bool,
     /// Print JSON instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct PlanArgs {
+    /// Device profiles: a JSON file `{"devices": [...], "options": {...}}`
+    /// (options optional); each device record is a Halda device profile
+    /// (name, os, cpu.flops by weight type in GFLOPS, memory, disk, gpus,
+    /// links). The first device is the head. See daemon/halda/src/profile.rs.
+    #[arg(long, value_name = "FILE.json")]
+    devices: PathBuf,
+    /// The GGUF model to plan.
+    #[arg(long, short = 'm', value_name = "PATH")]
+    model: PathBuf,
+    /// Context length the KV cache is sized for.
+    #[arg(long, default_value_t = 2048)]
+    ctx: u32,
+    /// `optimal` (the global optimum, with prefetch overlap and links) or
+    /// `shipped` (prima.cpp's algorithm, for comparison).
+    #[arg(long, default_value = "optimal")]
+    mode: String,
+    /// Print the plan as JSON.
     #[arg(long)]
     json: bool,
 }
@@ -252,7 +277,42 @@ fn tool(c: Command) -> Result<()> {
         Command::Inspect(a) => inspect(a),
         Command::Tokenize(a) => tokenize(a),
         Command::Bench(a) => bench(a),
+        Command::Plan(a) => plan(a),
     }
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DevicesFile {
+    devices: Vec<halda::DeviceProfile>,
+    #[serde(default)]
+    options: halda::Options,
+}
+
+fn plan(a: PlanArgs) -> Result<()> {
+    let text = std::fs::read_to_string(&a.devices)
+        .with_context(|| format!("reading {}", a.devices.display()))?;
+    let mut f: DevicesFile = serde_json::from_str(&text)
+        .with_context(|| format!("{} is not a devices file", a.devices.display()))?;
+    f.options.mode = match a.mode.as_str() {
+        "optimal" => halda::Mode::Optimal,
+        "shipped" => halda::Mode::Shipped,
+        m => bail!("--mode {m}: expected optimal or shipped"),
+    };
+    let model = Model::open(&a.model).with_context(|| format!("loading {}", a.model.display()))?;
+    let name = a
+        .model
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let mp = primad::modelprof::model_profile(&model.file, &model.config, &name, a.ctx);
+    let p = halda::plan(&mp, &f.devices, a.ctx, &f.options)?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&p)?);
+    } else {
+        print!("{p}");
+    }
+    Ok(())
 }
 
 fn is_broken_pipe(e: &anyhow::Error) -> bool {

@@ -186,3 +186,62 @@ fn bad_model_files_give_clear_errors() {
         .contains("cannot open /nonexistent.gguf"));
     std::fs::remove_dir_all(&dir).ok();
 }
+
+fn devices_file() -> String {
+    concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/devices-two.json").to_string()
+}
+
+#[test]
+fn plan_splits_the_real_model_and_explains_drops() {
+    let m = smol();
+    let m = m.to_str().unwrap();
+    let out = primad(&["plan", "--devices", &devices_file(), "-m", m, "--json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let k = v["k"].as_u64().unwrap();
+    let total: u64 = v["devices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["window"].as_u64().unwrap())
+        .sum();
+    assert_eq!(k * total, 30, "windows must cover SmolLM2's 30 layers: {v}");
+    // The text form names both devices and says why one is unused.
+    let out = primad(&["plan", "--devices", &devices_file(), "-m", m]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("desktop") && text.contains("laptop"),
+        "{text}"
+    );
+    assert!(text.contains("TPOT"), "{text}");
+    let out = primad(&[
+        "plan",
+        "--devices",
+        &devices_file(),
+        "-m",
+        m,
+        "--mode",
+        "shipped",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("shipped"));
+    let out = primad(&[
+        "plan",
+        "--devices",
+        &devices_file(),
+        "-m",
+        m,
+        "--mode",
+        "fast",
+    ]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("optimal or shipped"));
+}
