@@ -7,6 +7,7 @@ pub mod catalog;
 pub mod cluster;
 pub mod error;
 pub mod modelprof;
+pub mod profiler;
 pub mod serve;
 pub mod store;
 pub mod worker;

@@ -65,6 +65,8 @@ enum Command {
     Bench(BenchArgs),
     /// Plan a model onto devices offline with Halda ("what if I add my phone?").
     Plan(PlanArgs),
+    /// Measure this device for Halda (CPU per weight type, memory, disk).
+    Profile(ProfileArgs),
     /// Test aid: act as this (stopped) device and send malformed gossip.
     #[command(hide = true)]
     DebugHostileGossip {
@@ -93,6 +95,22 @@ struct BenchArgs {
     #[arg(long)]
     bandwidth: bool,
     /// Print JSON instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct ProfileArgs {
+    /// Time the CPU on this model's weight types (else only f32).
+    #[arg(long, short = 'm', value_name = "PATH")]
+    model: Option<PathBuf>,
+    /// Worker threads (default: all cores).
+    #[arg(long, short = 't')]
+    threads: Option<usize>,
+    /// Directory for the disk probe's 64 MiB scratch file.
+    #[arg(long, default_value = ".")]
+    scratch: PathBuf,
+    /// Print the device record as JSON (the format `primad plan --devices` reads).
     #[arg(long)]
     json: bool,
 }
@@ -278,7 +296,47 @@ fn tool(c: Command) -> Result<()> {
         Command::Tokenize(a) => tokenize(a),
         Command::Bench(a) => bench(a),
         Command::Plan(a) => plan(a),
+        Command::Profile(a) => profile(a),
     }
+}
+
+fn profile(a: ProfileArgs) -> Result<()> {
+    set_threads(a.threads)?;
+    let model = match &a.model {
+        Some(p) => Some(Model::open(p).with_context(|| format!("loading {}", p.display()))?),
+        None => None,
+    };
+    let name = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "this-device".into());
+    let t = Instant::now();
+    let p = primad::profiler::profile(&name, model.as_ref(), &a.scratch)?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&p)?);
+        return Ok(());
+    }
+    println!(
+        "device     {} ({:?}), profiled in {:.1} s",
+        p.name,
+        p.os,
+        t.elapsed().as_secs_f64()
+    );
+    println!("threads    {}", p.cpu.threads.unwrap_or(0));
+    for (ty, g) in &p.cpu.flops {
+        println!("cpu        {ty:<6} {g:8.1} GFLOPS (mat-vec)");
+    }
+    println!("kv copy    {:.4} ms per token per layer", p.cpu.kv_copy_ms);
+    println!(
+        "memory     {:.2} GiB total, {:.2} GiB available for models, read {:.1} GB/s",
+        p.memory.total_bytes as f64 / (1u64 << 30) as f64,
+        p.memory.available_bytes as f64 / (1u64 << 30) as f64,
+        p.memory.bandwidth_gbps.unwrap_or(0.0)
+    );
+    println!(
+        "disk       {:.2} GB/s sequential, {:.3} GB/s random 4 KiB",
+        p.disk.seq_read_gbps, p.disk.rnd_read_gbps
+    );
+    Ok(())
 }
 
 #[derive(serde::Deserialize)]
@@ -628,7 +686,7 @@ fn bench(a: BenchArgs) -> Result<()> {
         "bytes_per_token": weight_bytes,
     });
     if a.bandwidth {
-        let bw = read_bandwidth();
+        let bw = primad::profiler::read_bandwidth();
         v["read_bandwidth_gb_s"] = serde_json::json!(bw / 1e9);
         v["decode_ceiling_tok_s"] = serde_json::json!(bw / weight_bytes as f64);
     }
@@ -661,29 +719,4 @@ fn bench(a: BenchArgs) -> Result<()> {
         }
     }
     Ok(())
-}
-
-/// Read bandwidth in bytes/s: the pool's threads sum a buffer much larger
-/// than the caches, best of a few passes.
-fn read_bandwidth() -> f64 {
-    let len = 256 << 20;
-    let buf: Vec<u64> = (0..len / 8).map(|i| i as u64).collect();
-    let pool = prima_kernels::cpu::pool();
-    let chunks = pool.threads() * 4;
-    let per = buf.len() / chunks;
-    let mut best = 0f64;
-    for _ in 0..5 {
-        let sink = std::sync::atomic::AtomicU64::new(0);
-        let t = Instant::now();
-        pool.run(chunks, &|c| {
-            let s: u64 = buf[c * per..(c + 1) * per]
-                .iter()
-                .fold(0u64, |a, &b| a.wrapping_add(b));
-            sink.fetch_add(s, std::sync::atomic::Ordering::Relaxed);
-        });
-        let rate = (per * chunks * 8) as f64 / t.elapsed().as_secs_f64();
-        std::hint::black_box(sink.load(std::sync::atomic::Ordering::Relaxed));
-        best = best.max(rate);
-    }
-    best
 }

@@ -245,3 +245,35 @@ fn plan_splits_the_real_model_and_explains_drops() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("optimal or shipped"));
 }
+
+#[test]
+fn profile_measures_the_models_weight_types() {
+    let m = smol();
+    let dir = std::env::temp_dir();
+    let out = primad(&[
+        "profile",
+        "--json",
+        "-m",
+        m.to_str().unwrap(),
+        "--scratch",
+        dir.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    for ty in ["q4_1", "q8_0", "f32"] {
+        let g = v["cpu"]["flops"][ty].as_f64().unwrap_or(0.0);
+        assert!(g > 0.1, "{ty}: {g} GFLOPS");
+    }
+    assert!(
+        v["memory"]["total_bytes"].as_u64().unwrap()
+            >= v["memory"]["available_bytes"].as_u64().unwrap()
+    );
+    assert!(v["disk"]["seq_read_gbps"].as_f64().unwrap() > 0.0);
+    // The record is what `primad plan --devices` reads.
+    let dev: halda::DeviceProfile = serde_json::from_value(v).unwrap();
+    assert_eq!(dev.cpu.threads.map(|t| t > 0), Some(true));
+}

@@ -64,3 +64,57 @@ fn a_daemon_in_one_host_is_reachable_from_another() {
         assert!(!listed.contains(&n), "namespace {n} leaked: {listed}");
     }
 }
+
+/// The profiler reads the memory limit of the cgroup it runs in (v1 here,
+/// v2 elsewhere), so a low-RAM device is planned as one.
+#[test]
+fn the_profiler_sees_its_memory_cgroup() {
+    assert!(
+        prima_tests::netns::is_root(),
+        "needs root to create a memory cgroup"
+    );
+    let v1 = std::path::Path::new("/sys/fs/cgroup/memory");
+    let v2 = std::path::Path::new("/sys/fs/cgroup/cgroup.controllers");
+    let name = format!("prima-test-{}", std::process::id());
+    let (dir, limit_file) = if v1.is_dir() {
+        (v1.join(&name), "memory.limit_in_bytes")
+    } else if v2.is_file() {
+        (
+            std::path::Path::new("/sys/fs/cgroup").join(&name),
+            "memory.max",
+        )
+    } else {
+        panic!("no memory cgroup hierarchy at /sys/fs/cgroup");
+    };
+    std::fs::create_dir(&dir).unwrap();
+    struct Cleanup(std::path::PathBuf);
+    impl Drop for Cleanup {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir(&self.0);
+        }
+    }
+    let _c = Cleanup(dir.clone());
+    let limit: u64 = 600 << 20;
+    std::fs::write(dir.join(limit_file), limit.to_string()).unwrap();
+    let scratch = tempfile::tempdir().unwrap();
+    let script = format!(
+        "echo $$ > {}/cgroup.procs && exec {} profile --json --scratch {}",
+        dir.display(),
+        bin("primad").display(),
+        scratch.path().display()
+    );
+    let o = run(std::process::Command::new("sh").args(["-c", &script]));
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let avail = v["memory"]["available_bytes"].as_u64().unwrap();
+    eprintln!(
+        "in a {} MiB cgroup the profiler reports {} MiB available",
+        limit >> 20,
+        avail >> 20
+    );
+    assert!(
+        avail <= limit,
+        "available {avail} above the cgroup limit {limit}"
+    );
+    assert!(avail > 100 << 20, "available {avail} implausibly small");
+}
