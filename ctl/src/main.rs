@@ -60,6 +60,15 @@ enum Command {
     Config(ConfigCmd),
     /// Measure time to first token and decode speed through the API.
     Bench(BenchArgs),
+    /// Show this device's measured profile (what Halda plans with).
+    Profile {
+        /// Measure again instead of showing the cached profile.
+        #[arg(long)]
+        refresh: bool,
+        /// Print the JSON (its "profile" is a `primad plan --devices` record).
+        #[arg(long)]
+        json: bool,
+    },
     /// Show a pairing code for adding a device to this household.
     Pair {
         /// Print the code and return instead of waiting for the device.
@@ -231,6 +240,43 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Bench(b) => bench(&api, b),
         Command::Pair { no_wait } => pair(&api, no_wait),
+        Command::Profile { refresh, json } => {
+            let v = api.get(if refresh {
+                "/api/profile?refresh=true"
+            } else {
+                "/api/profile"
+            })?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+                return Ok(());
+            }
+            let p = &v["profile"];
+            println!(
+                "device     {} ({}), measured in {:.1} s",
+                s(&p["name"]),
+                s(&p["os"]),
+                v["took_s"].as_f64().unwrap_or(0.0)
+            );
+            for (ty, g) in p["cpu"]["flops"].as_object().into_iter().flatten() {
+                println!(
+                    "cpu        {ty:<6} {:8.1} GFLOPS",
+                    g.as_f64().unwrap_or(0.0)
+                );
+            }
+            let m = &p["memory"];
+            println!(
+                "memory     {} total, {} available for models, read {:.1} GB/s",
+                human_bytes(m["total_bytes"].as_u64().unwrap_or(0)),
+                human_bytes(m["available_bytes"].as_u64().unwrap_or(0)),
+                m["bandwidth_gbps"].as_f64().unwrap_or(0.0)
+            );
+            println!(
+                "disk       {:.2} GB/s sequential, {:.3} GB/s random 4 KiB",
+                p["disk"]["seq_read_gbps"].as_f64().unwrap_or(0.0),
+                p["disk"]["rnd_read_gbps"].as_f64().unwrap_or(0.0)
+            );
+            Ok(())
+        }
         Command::Join { code, addr } => {
             let mut body = json!({ "code": code });
             if let Some(a) = addr {

@@ -58,6 +58,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/api/models", get(api_models).post(api_add_model))
         .route("/api/models/pull", post(api_pull_model))
         .route("/api/models/{name}", delete(api_remove_model))
+        .route("/api/profile", get(api_profile))
         .route("/api/pair", post(api_pair))
         .route("/api/join", post(api_join))
         .route("/api/devices", get(api_devices))
@@ -975,4 +976,61 @@ async fn api_remove_device(
     let c = cluster_of(&st)?;
     let r = c.remove(&name).await.map_err(cluster_error)?;
     Ok(Json(json!({"removed": name, "roster": r})))
+}
+
+#[derive(Deserialize, Default)]
+struct ProfileQuery {
+    #[serde(default)]
+    refresh: bool,
+}
+
+/// What a cached profile is valid for: the same cores, memory, threads,
+/// primad version and default model.
+fn profile_fingerprint(st: &AppState) -> String {
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    let ram = crate::profiler::memory().0 >> 20;
+    format!(
+        "{cores}c/{ram}MiB/{}t/primad-{}/{}",
+        prima_kernels::cpu::threads(),
+        env!("CARGO_PKG_VERSION"),
+        st.cfg.model.default
+    )
+}
+
+/// This device's profile for Halda: cached in the store, measured again when
+/// the hardware/software fingerprint changes or on `?refresh=true`.
+async fn api_profile(
+    State(st): St,
+    axum::extract::Query(q): axum::extract::Query<ProfileQuery>,
+) -> Result<Json<Value>, ApiError> {
+    let fp = profile_fingerprint(&st);
+    if !q.refresh {
+        if let Some(c) = st.store.profile()? {
+            if c["fingerprint"] == fp.as_str() {
+                return Ok(Json(c));
+            }
+        }
+    }
+    let st2 = st.clone();
+    let v = tokio::task::spawn_blocking(move || -> anyhow::Result<Value> {
+        let model = match st2.store.model(&st2.cfg.model.default)? {
+            Some(m) if m.path.is_file() => Some(prima_kernels::Model::open(&m.path)?),
+            _ => None,
+        };
+        let t = Instant::now();
+        let p = crate::profiler::profile(&st2.node_name, model.as_ref(), st2.store.dir())?;
+        Ok(json!({
+            "fingerprint": fp,
+            "measured_at": now_secs(),
+            "took_s": t.elapsed().as_secs_f64(),
+            "profile": p,
+        }))
+    })
+    .await
+    .map_err(|e| ApiError::internal(e.to_string()))?
+    .map_err(|e| ApiError::internal(format!("profiling failed: {e:#}")))?;
+    st.store.set_profile(&v)?;
+    Ok(Json(v))
 }

@@ -13,6 +13,18 @@ fn curl_ok(h: &Hosts, from: usize, url: &str) -> bool {
     .success()
 }
 
+/// Polls `f` every 100 ms until it holds or `limit` passes.
+fn eventually(limit: Duration, f: impl Fn() -> bool) -> bool {
+    let t = std::time::Instant::now();
+    while t.elapsed() < limit {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    false
+}
+
 #[test]
 fn a_daemon_in_one_host_is_reachable_from_another() {
     let h = Hosts::create(2).expect("creating hosts");
@@ -31,27 +43,17 @@ fn a_daemon_in_one_host_is_reachable_from_another() {
         .spawn()
         .unwrap();
     let url = format!("http://{}:7340/health", h.addr(1));
-    let mut up = false;
-    for _ in 0..100 {
-        if curl_ok(&h, 0, &url) {
-            up = true;
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    assert!(up, "primad in {ns1} not reachable from host 0");
+    assert!(
+        eventually(Duration::from_secs(10), || curl_ok(&h, 0, &url)),
+        "primad in {ns1} not reachable from host 0"
+    );
     h.set_link(1, false).unwrap();
     assert!(!curl_ok(&h, 0, &url), "a cut link must not answer");
     h.set_link(1, true).unwrap();
-    let mut back = false;
-    for _ in 0..50 {
-        if curl_ok(&h, 0, &url) {
-            back = true;
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    assert!(back, "restored link must answer again");
+    assert!(
+        eventually(Duration::from_secs(5), || curl_ok(&h, 0, &url)),
+        "restored link must answer again"
+    );
     let _ = daemon.kill();
     let _ = daemon.wait();
     let names: Vec<String> = (0..h.len()).map(|i| h.ns(i)).collect();

@@ -731,3 +731,19 @@ fn generate_ids_len(m: &std::path::Path, prompt: &str) -> u64 {
     let v: Value = serde_json::from_str(&line).unwrap();
     v["prompt_ids"].as_array().unwrap().len() as u64
 }
+
+#[test]
+fn profile_is_measured_once_and_cached() {
+    let d = daemon_with_smollm2("");
+    let first: Value = serde_json::from_str(&ok(d.ctl().args(["profile", "--json"]))).unwrap();
+    let p = &first["profile"];
+    assert!(p["cpu"]["flops"]["q4_1"].as_f64().unwrap() > 0.1, "{p}");
+    eprintln!("profiled in {:.1} s", first["took_s"].as_f64().unwrap());
+    let again: Value = serde_json::from_str(&ok(d.ctl().args(["profile", "--json"]))).unwrap();
+    assert_eq!(
+        again["measured_at"], first["measured_at"],
+        "the cached profile is reused"
+    );
+    let text = ok(d.ctl().arg("profile"));
+    assert!(text.contains("GFLOPS") && text.contains("disk"), "{text}");
+}

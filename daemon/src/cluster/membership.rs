@@ -125,24 +125,31 @@ impl Membership {
             .filter(|(_, p)| p.state != PeerState::Dead)
     }
 
+    /// Moves `id` to `to` if it is elsewhere; the change, if any.
+    fn transition(&mut self, id: &str, to: PeerState, now: Instant) -> Option<Change> {
+        let p = self.peers.get_mut(id)?;
+        if p.state == to {
+            return None;
+        }
+        let from = p.state;
+        p.state = to;
+        p.since = now;
+        self.epoch += 1;
+        Some(Change {
+            peer: id.to_string(),
+            from: Some(from),
+            to: Some(to),
+            epoch: self.epoch,
+        })
+    }
+
     pub fn on_event(&mut self, now: Instant, ev: Event) -> Vec<Change> {
         let mut out = Vec::new();
         match ev {
             Event::Heard(id) => match self.peers.get_mut(&id) {
                 Some(p) => {
                     p.last_heard = p.last_heard.max(now);
-                    if p.state != PeerState::Alive {
-                        let from = p.state;
-                        p.state = PeerState::Alive;
-                        p.since = now;
-                        self.epoch += 1;
-                        out.push(Change {
-                            peer: id,
-                            from: Some(from),
-                            to: Some(PeerState::Alive),
-                            epoch: self.epoch,
-                        });
-                    }
+                    out.extend(self.transition(&id, PeerState::Alive, now));
                 }
                 None => {
                     self.peers.insert(
@@ -162,22 +169,7 @@ impl Membership {
                     });
                 }
             },
-            Event::Left(id) => {
-                if let Some(p) = self.peers.get_mut(&id) {
-                    if p.state != PeerState::Dead {
-                        let from = p.state;
-                        p.state = PeerState::Dead;
-                        p.since = now;
-                        self.epoch += 1;
-                        out.push(Change {
-                            peer: id,
-                            from: Some(from),
-                            to: Some(PeerState::Dead),
-                            epoch: self.epoch,
-                        });
-                    }
-                }
-            }
+            Event::Left(id) => out.extend(self.transition(&id, PeerState::Dead, now)),
             Event::Removed(id) => {
                 if let Some(p) = self.peers.remove(&id) {
                     self.epoch += 1;
@@ -190,28 +182,24 @@ impl Membership {
                 }
             }
             Event::Tick => {
-                for (id, p) in self.peers.iter_mut() {
-                    let quiet = now.saturating_duration_since(p.last_heard);
-                    let want = if quiet >= self.cfg.dead_after {
-                        PeerState::Dead
-                    } else if quiet >= self.cfg.suspect_after {
-                        PeerState::Suspect
-                    } else {
-                        PeerState::Alive
-                    };
-                    // Ticks only ever demote; only hearing from a device promotes it.
-                    if want > p.state {
-                        let from = p.state;
-                        p.state = want;
-                        p.since = now;
-                        self.epoch += 1;
-                        out.push(Change {
-                            peer: id.clone(),
-                            from: Some(from),
-                            to: Some(want),
-                            epoch: self.epoch,
-                        });
-                    }
+                // Ticks only ever demote; only hearing from a device promotes it.
+                let demote: Vec<(NodeId, PeerState)> = self
+                    .peers
+                    .iter()
+                    .filter_map(|(id, p)| {
+                        let quiet = now.saturating_duration_since(p.last_heard);
+                        let want = if quiet >= self.cfg.dead_after {
+                            PeerState::Dead
+                        } else if quiet >= self.cfg.suspect_after {
+                            PeerState::Suspect
+                        } else {
+                            PeerState::Alive
+                        };
+                        (want > p.state).then(|| (id.clone(), want))
+                    })
+                    .collect();
+                for (id, want) in demote {
+                    out.extend(self.transition(&id, want, now));
                 }
             }
         }
