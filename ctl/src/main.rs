@@ -303,7 +303,10 @@ fn run(cli: Cli) -> Result<()> {
                 Ok(())
             }
             DevicesCmd::Remove { name } => {
-                api.send(api.request(reqwest::Method::DELETE, &format!("/api/devices/{name}")))?;
+                api.send(api.request(
+                    reqwest::Method::DELETE,
+                    &format!("/api/devices/{}", path_segment(&name)),
+                ))?;
                 println!("removed {name} from the household");
                 Ok(())
             }
@@ -382,6 +385,19 @@ impl Api {
     fn post(&self, path: &str, body: &Value) -> Result<reqwest::blocking::Response> {
         self.send(self.request(reqwest::Method::POST, path).json(body))
     }
+}
+
+/// Percent-encodes a name for use as one URL path segment.
+fn path_segment(name: &str) -> String {
+    name.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
 }
 
 fn root_cause(e: &dyn std::error::Error) -> String {
@@ -767,13 +783,16 @@ fn models(api: &Api, cmd: ModelsCmd) -> Result<()> {
                 s(&m["name"]),
                 s(&m["arch"]),
                 human_bytes(m["size"].as_u64().unwrap_or(0)),
-                &s(&m["sha256"])[..12],
+                s(&m["sha256"]).get(..12).unwrap_or("?"),
                 s(&m["path"])
             );
             Ok(())
         }
         ModelsCmd::Remove { name } => {
-            api.send(api.request(reqwest::Method::DELETE, &format!("/api/models/{name}")))?;
+            api.send(api.request(
+                reqwest::Method::DELETE,
+                &format!("/api/models/{}", path_segment(&name)),
+            ))?;
             println!("removed {name} (its file was left in place)");
             Ok(())
         }

@@ -313,7 +313,7 @@ impl AppState {
     }
 }
 
-fn now_secs() -> u64 {
+pub(crate) fn now_secs() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
@@ -903,6 +903,15 @@ async fn pull(
         let p = path.clone();
         tokio::task::spawn_blocking(move || verify_gguf(&p)).await??
     };
+    if let Some(old) = st.store.model(model.name)? {
+        if old.sha256 != model.sha256 {
+            anyhow::bail!(
+                "a different model is already registered as '{}' ({}); remove it first",
+                model.name,
+                old.path.display()
+            );
+        }
+    }
     let entry = ModelEntry {
         name: model.name.to_string(),
         path,
@@ -1005,6 +1014,9 @@ async fn api_profile(
     State(st): St,
     axum::extract::Query(q): axum::extract::Query<ProfileQuery>,
 ) -> Result<Json<Value>, ApiError> {
+    // One measurement at a time (they share a scratch file and the CPU).
+    static PROFILING: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    let _one = PROFILING.lock().await;
     let fp = profile_fingerprint(&st);
     if !q.refresh {
         if let Some(c) = st.store.profile()? {

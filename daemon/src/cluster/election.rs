@@ -116,7 +116,7 @@ impl Election {
         let chosen = self.choose(now);
         if chosen != self.view.coordinator {
             self.view = View {
-                term: self.view.term + 1,
+                term: self.view.term.saturating_add(1),
                 coordinator: chosen,
             };
             return Some(self.view.clone());

@@ -510,6 +510,9 @@ struct Loop {
     peers: HashMap<PeerId, PeerInfo>,
     /// Member addresses worth dialling, with the last attempt.
     dialable: HashMap<Multiaddr, Option<Instant>>,
+    /// Which device answered at a dialled address, so a device reachable at
+    /// several addresses is not redialled on the others while connected.
+    addr_peer: HashMap<Multiaddr, PeerId>,
     nearby: BTreeMap<String, Nearby>,
     roster: Option<SignedRoster>,
     pairing: bool,
@@ -555,6 +558,7 @@ impl Loop {
             status,
             peers: HashMap::new(),
             dialable,
+            addr_peer: HashMap::new(),
             nearby: BTreeMap::new(),
             roster,
             pairing: false,
@@ -647,6 +651,9 @@ impl Loop {
                     addr: None,
                     rtt: None,
                 });
+                if endpoint.is_dialer() {
+                    self.addr_peer.insert(addr.clone(), peer_id);
+                }
                 if endpoint.is_dialer() || e.addr.is_none() {
                     e.addr = Some(addr);
                 }
@@ -693,6 +700,14 @@ impl Loop {
             return;
         };
         if from == self.me {
+            return;
+        }
+        if self
+            .roster
+            .as_ref()
+            .is_some_and(|r| !r.roster.contains(&from.to_string()))
+        {
+            tracing::debug!(peer = %from, "dropped gossip from a device not on the roster");
             return;
         }
         if message.data.len() > MAX_GOSSIP_BYTES {
@@ -957,6 +972,10 @@ impl Loop {
             .iter()
             .filter(|(a, last)| {
                 !connected.contains(a)
+                    && !self
+                        .addr_peer
+                        .get(*a)
+                        .is_some_and(|p| self.swarm.is_connected(p))
                     && last.is_none_or(|t| t.elapsed() >= Duration::from_millis(900))
             })
             .map(|(a, _)| a.clone())

@@ -4,7 +4,7 @@
 use std::{
     net::SocketAddr,
     sync::{Arc, RwLock},
-    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+    time::{Duration, Instant},
 };
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -16,7 +16,7 @@ use super::{
     pairing::{self, JoinRequest, Welcome, WrongCode},
     roster::{Member, Roster, SignedRoster},
 };
-use crate::store::Store;
+use crate::{api::now_secs, store::Store};
 
 struct Offer {
     code: String,
@@ -26,19 +26,14 @@ struct Offer {
 pub struct ClusterCtl {
     pub status: Arc<RwLock<ClusterStatus>>,
     running: Mutex<Option<net::Cluster>>,
+    /// The running loop's command channel, reachable without the lock.
+    commands: RwLock<Option<tokio::sync::mpsc::Sender<Command>>>,
     cfg: prima_config::Cluster,
     key: Keypair,
     profile: Profile,
     store: Arc<Store>,
     me: String,
     offer: Mutex<Option<Offer>>,
-}
-
-fn now_secs() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
 }
 
 impl ClusterCtl {
@@ -52,6 +47,7 @@ impl ClusterCtl {
         let ctl = Arc::new(Self {
             status: Arc::new(RwLock::new(ClusterStatus::default())),
             running: Mutex::new(None),
+            commands: RwLock::new(None),
             cfg,
             key,
             profile,
@@ -96,6 +92,7 @@ impl ClusterCtl {
         let ctl = Self {
             status: Arc::new(RwLock::new(ClusterStatus::default())),
             running: Mutex::new(None),
+            commands: RwLock::new(None),
             cfg: cfg.clone(),
             key: key.clone(),
             profile: profile.clone(),
@@ -135,6 +132,7 @@ impl ClusterCtl {
             self.status.clone(),
         )
         .await?;
+        *self.commands.write().expect("commands") = Some(c.sender());
         *self.running.lock().await = Some(c);
         Ok(())
     }
@@ -146,8 +144,9 @@ impl ClusterCtl {
     }
 
     async fn send(&self, c: Command) {
-        if let Some(r) = self.running.lock().await.as_ref() {
-            r.send(c).await;
+        let tx = self.commands.read().expect("commands").clone();
+        if let Some(tx) = tx {
+            let _ = tx.send(c).await;
         }
     }
 
@@ -202,7 +201,20 @@ impl ClusterCtl {
                 Ok(Ok(a)) => a,
             };
             let (stream, from) = accepted;
-            let res = pairing::serve_one(stream, code, |req| self.welcome(req)).await;
+            // An attempt may not outlive the code.
+            let left = expires.saturating_duration_since(Instant::now());
+            let res = match tokio::time::timeout(
+                left,
+                pairing::serve_one(stream, code, |req| self.welcome(req)),
+            )
+            .await
+            {
+                Ok(r) => r,
+                Err(_) => {
+                    tracing::info!("pairing code expired during an attempt");
+                    return;
+                }
+            };
             match res {
                 Ok(req) => {
                     tracing::info!(device = %req.name, %from, "a device joined the household");
@@ -240,7 +252,10 @@ impl ClusterCtl {
             .roster()?
             .map(|s| s.roster)
             .ok_or_else(|| anyhow!("no roster"))?;
-        r.epoch += 1;
+        if r.contains(&req.peer_id) {
+            bail!("a device with that identity is already a member");
+        }
+        r.epoch = r.epoch.saturating_add(1);
         r.members.insert(
             req.peer_id.clone(),
             Member {
@@ -250,15 +265,13 @@ impl ClusterCtl {
         );
         let signed = r.sign(&secret);
         self.store.set_roster(&signed)?;
-        let to_loop = signed.clone();
-        // The loop applies it (gate, gossip); the channel is async, so hand
-        // it over from a task.
-        if let Ok(guard) = self.running.try_lock() {
-            if let Some(c) = guard.as_ref() {
-                let c2 = c.sender();
-                tokio::spawn(async move {
-                    let _ = c2.send(Command::Roster(to_loop)).await;
-                });
+        // The loop applies it (gate, gossip).
+        let tx = self.commands.read().expect("commands").clone();
+        if let Some(tx) = tx {
+            if tx.try_send(Command::Roster(signed.clone())).is_err() {
+                tracing::warn!(
+                    "the network loop is busy: the new roster spreads at its next change"
+                );
             }
         }
         Ok(Welcome {
@@ -376,7 +389,7 @@ impl ClusterCtl {
             bail!("this is the device itself; remove it from another member");
         }
         r.members.remove(&id);
-        r.epoch += 1;
+        r.epoch = r.epoch.saturating_add(1);
         let signed = r.sign(&secret);
         self.store.set_roster(&signed)?;
         self.send(Command::Roster(signed)).await;
