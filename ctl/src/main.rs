@@ -303,10 +303,7 @@ fn run(cli: Cli) -> Result<()> {
                 Ok(())
             }
             DevicesCmd::Remove { name } => {
-                api.send(api.request(
-                    reqwest::Method::DELETE,
-                    &format!("/api/devices/{}", path_segment(&name)),
-                ))?;
+                api.delete(&format!("/api/devices/{}", path_segment(&name)))?;
                 println!("removed {name} from the household");
                 Ok(())
             }
@@ -380,6 +377,10 @@ impl Api {
         Ok(self
             .send(self.request(reqwest::Method::GET, path))?
             .json()?)
+    }
+
+    fn delete(&self, path: &str) -> Result<reqwest::blocking::Response> {
+        self.send(self.request(reqwest::Method::DELETE, path))
     }
 
     fn post(&self, path: &str, body: &Value) -> Result<reqwest::blocking::Response> {
@@ -789,10 +790,7 @@ fn models(api: &Api, cmd: ModelsCmd) -> Result<()> {
             Ok(())
         }
         ModelsCmd::Remove { name } => {
-            api.send(api.request(
-                reqwest::Method::DELETE,
-                &format!("/api/models/{}", path_segment(&name)),
-            ))?;
+            api.delete(&format!("/api/models/{}", path_segment(&name)))?;
             println!("removed {name} (its file was left in place)");
             Ok(())
         }

@@ -306,9 +306,7 @@ fn profile(a: ProfileArgs) -> Result<()> {
         Some(p) => Some(Model::open(p).with_context(|| format!("loading {}", p.display()))?),
         None => None,
     };
-    let name = std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|h| h.trim().to_string())
-        .unwrap_or_else(|_| "this-device".into());
+    let name = primad::serve::hostname();
     let t = Instant::now();
     let p = primad::profiler::profile(&name, model.as_ref(), &a.scratch)?;
     if a.json {

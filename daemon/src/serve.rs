@@ -63,11 +63,7 @@ async fn serve(cfg: Config) -> Result<()> {
         );
     }
     let node_id = key.public().to_peer_id().to_string();
-    let node_name = if cfg.node.name.is_empty() {
-        hostname()
-    } else {
-        cfg.node.name.clone()
-    };
+    let node_name = node_name(&cfg);
     if cfg.model.threads > 0 {
         prima_kernels::cpu::set_threads(cfg.model.threads).context("[model] threads")?;
     }
@@ -179,7 +175,17 @@ async fn shutdown_signal() {
     }
 }
 
-fn hostname() -> String {
+/// The configured node name, else the host name.
+pub fn node_name(cfg: &Config) -> String {
+    if cfg.node.name.is_empty() {
+        hostname()
+    } else {
+        cfg.node.name.clone()
+    }
+}
+
+/// This machine's host name.
+pub fn hostname() -> String {
     #[cfg(unix)]
     if let Ok(h) = std::fs::read_to_string("/proc/sys/kernel/hostname") {
         let h = h.trim();
@@ -230,11 +236,7 @@ pub fn hostile_gossip(cfg: Config, peer: &str) -> Result<()> {
         let state_dir = cfg.state_dir();
         let store = Arc::new(Store::open(&state_dir)?);
         let (key, _) = store.identity_for_home(&crate::store::home_fingerprint(&state_dir))?;
-        let name = if cfg.node.name.is_empty() {
-            hostname()
-        } else {
-            cfg.node.name.clone()
-        };
+        let name = node_name(&cfg);
         let n = crate::cluster::service::ClusterCtl::hostile_gossip(
             cfg.cluster.clone(),
             key,

@@ -167,21 +167,10 @@ fn time<F: FnMut() -> String>(label: &str, runs: usize, mut f: F) {
     );
 }
 
-/// SplitMix64.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    fn f(&mut self, lo: f64, hi: f64) -> f64 {
-        lo + (hi - lo) * (self.next() >> 11) as f64 / (1u64 << 53) as f64
-    }
-}
+#[allow(dead_code)] // the benchmark draws fewer kinds of numbers than the tests
+#[path = "../tests/common/rng.rs"]
+mod rng;
+use rng::Rng;
 
 /// Eight random devices whose memory adds up to roughly the model size, so
 /// that most devices are needed and several overflow.
