@@ -37,6 +37,7 @@ pub struct Config {
     pub store: Store,
     pub catalog: Catalog,
     pub cluster: Cluster,
+    pub ring: Ring,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -159,6 +160,30 @@ impl Default for Cluster {
     }
 }
 
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Ring {
+    pub enabled: bool,
+    pub timeout_ms: u64,
+    pub ubatch: usize,
+    pub use_all_devices: bool,
+    pub prefetch: bool,
+    pub auto_profile: bool,
+}
+
+impl Default for Ring {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            timeout_ms: 15000,
+            ubatch: 64,
+            use_all_devices: false,
+            prefetch: true,
+            auto_profile: true,
+        }
+    }
+}
+
 impl Config {
     /// Parses and validates TOML text; `origin` names it in errors.
     pub fn parse(text: &str, origin: &str) -> Result<Self, ConfigError> {
@@ -230,6 +255,12 @@ impl Config {
                  after missing some heartbeats, and dead later)"
                     .into(),
             );
+        }
+        if self.ring.timeout_ms < 100 {
+            return Err("[ring] timeout_ms must be at least 100".into());
+        }
+        if !(1..=512).contains(&self.ring.ubatch) {
+            return Err("[ring] ubatch must be between 1 and 512 tokens".into());
         }
         if self.model.default.trim().is_empty() {
             return Err("[model] default must name a model".into());

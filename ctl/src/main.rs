@@ -88,6 +88,22 @@ enum Command {
         #[command(subcommand)]
         cmd: Option<DevicesCmd>,
     },
+    /// Show the ring plan (which device runs which layers), or pin one by hand.
+    ///
+    /// The coordinator plans with Halda whenever devices come or go or a
+    /// profile changes; the plan is live once every device has loaded its
+    /// layers. `plan set` pins a plan (on the coordinator), `plan clear`
+    /// hands planning back to Halda.
+    Plan {
+        #[command(subcommand)]
+        cmd: Option<PlanCmd>,
+        /// Print the JSON.
+        #[arg(long)]
+        json: bool,
+        /// Also say why devices hold no layers.
+        #[arg(long)]
+        explain: bool,
+    },
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
     Completions { shell: clap_complete::Shell },
 }
@@ -135,6 +151,23 @@ struct ChatArgs {
     system: Option<String>,
     #[command(flatten)]
     gen: GenOpts,
+}
+
+#[derive(Subcommand)]
+enum PlanCmd {
+    /// Pin a plan: `primactl plan set --k 2 desk=3 laptop=7 phone=5` gives
+    /// each device a window of that many layers per round, head first (the
+    /// windows times k must add up to the model's layers).
+    Set {
+        /// Rounds per token.
+        #[arg(long, default_value_t = 1)]
+        k: u32,
+        /// DEVICE=WINDOW, head first.
+        #[arg(required = true)]
+        windows: Vec<String>,
+    },
+    /// Forget the pinned plan; Halda plans again.
+    Clear,
 }
 
 #[derive(Subcommand)]
@@ -305,6 +338,37 @@ fn run(cli: Cli) -> Result<()> {
             DevicesCmd::Remove { name } => {
                 api.delete(&format!("/api/devices/{}", path_segment(&name)))?;
                 println!("removed {name} from the household");
+                Ok(())
+            }
+        },
+        Command::Plan { cmd, json, explain } => match cmd {
+            None => {
+                let v = api.get("/api/plan")?;
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&v)?);
+                } else {
+                    print_plan(&v, explain);
+                }
+                Ok(())
+            }
+            Some(PlanCmd::Set { k, windows }) => {
+                let mut list = Vec::new();
+                for w in &windows {
+                    let (name, n) = w
+                        .rsplit_once('=')
+                        .ok_or_else(|| anyhow!("'{w}' is not DEVICE=WINDOW"))?;
+                    let n: u32 = n
+                        .parse()
+                        .map_err(|_| anyhow!("'{w}': the window must be a number of layers"))?;
+                    list.push(json!([name, n]));
+                }
+                api.post("/api/plan", &json!({ "k": k, "windows": list }))?;
+                println!("plan pinned; devices are loading their layers (see `primactl plan`)");
+                Ok(())
+            }
+            Some(PlanCmd::Clear) => {
+                api.delete("/api/plan")?;
+                println!("pin cleared; Halda plans again");
                 Ok(())
             }
         },
@@ -906,4 +970,89 @@ fn bench(api: &Api, b: BenchArgs) -> Result<()> {
         println!("time to first token {t:.0} ms (median), decode {d:.1} tokens/s (median)");
     }
     Ok(())
+}
+
+/// `primactl plan`: one row per device in ring order.
+fn print_plan(v: &Value, explain: bool) {
+    let p = &v["plan"];
+    if p.is_null() {
+        if v["ring_enabled"] == json!(false) {
+            println!("the ring is off on this device ([ring] enabled = false)");
+        } else {
+            println!(
+                "no plan yet: the coordinator ({}) plans once it holds the model \
+                 (`primactl models pull`)",
+                v["coordinator"].as_str().unwrap_or("not elected yet")
+            );
+        }
+        return;
+    }
+    println!(
+        "plan epoch {} for {} ({} layers): k = {} round{}, {}{}",
+        p["epoch"],
+        s(&p["model"]),
+        p["n_layer"],
+        p["k"],
+        if p["k"] == json!(1) { "" } else { "s" },
+        if p["live"] == json!(true) {
+            "live"
+        } else {
+            "loading"
+        },
+        if p["pinned"] == json!(true) {
+            ", pinned by hand"
+        } else {
+            ", made by Halda"
+        },
+    );
+    if let Some(t) = p["tpot_ms"].as_f64() {
+        println!("predicted {t:.1} ms per token");
+    }
+    println!(
+        "{:<4} {:<20} {:>6} {:>4} {:<28} {:>6} {:>7}",
+        "rank", "device", "window", "gpu", "layers", "share", "ready"
+    );
+    for d in p["devices"].as_array().into_iter().flatten() {
+        let layers: Vec<String> = d["layers"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|r| format!("{}-{}", r[0], r[1].as_u64().unwrap_or(1).saturating_sub(1)))
+            .collect();
+        let mut name = s(&d["node"]);
+        if d["head"] == json!(true) {
+            name.push_str(" (head)");
+        }
+        println!(
+            "{:<4} {:<20} {:>6} {:>4} {:<28} {:>6} {:>7}",
+            d["rank"].to_string(),
+            name,
+            d["window"].to_string(),
+            d["gpu_layers"].to_string(),
+            layers.join(","),
+            d["share"]
+                .as_f64()
+                .map(|x| format!("{:.0}%", x * 100.0))
+                .unwrap_or_else(|| "-".into()),
+            if d["ready"] == json!(true) {
+                "yes"
+            } else {
+                "no"
+            },
+        );
+    }
+    let dropped = p["dropped"].as_array().cloned().unwrap_or_default();
+    if explain {
+        if dropped.is_empty() {
+            println!("every device that holds the model has layers");
+        }
+        for d in &dropped {
+            println!("left out: {}: {}", s(&d["name"]), s(&d["why"]));
+        }
+    } else if !dropped.is_empty() {
+        println!(
+            "{} device(s) left out; `primactl plan --explain` says why",
+            dropped.len()
+        );
+    }
 }

@@ -43,6 +43,7 @@ pub struct AppState {
     pub api_addr: String,
     pub started: Instant,
     pub cluster: Option<Arc<crate::cluster::service::ClusterCtl>>,
+    pub ring: Option<Arc<crate::ring::Ring>>,
 }
 
 type St = State<Arc<AppState>>;
@@ -62,6 +63,10 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/api/pair", post(api_pair))
         .route("/api/join", post(api_join))
         .route("/api/devices", get(api_devices))
+        .route(
+            "/api/plan",
+            get(api_plan).post(api_pin_plan).delete(api_unpin_plan),
+        )
         .route("/api/devices/{name}", delete(api_remove_device))
         .route("/health", get(|| async { "ok\n" }))
         .fallback(|| async {
@@ -638,13 +643,22 @@ async fn status(State(st): St) -> Result<Json<Value>, ApiError> {
     let w = &st.worker;
     let s = &w.stats;
     let loaded = w.loaded.lock().expect("status lock").clone();
-    let plan = loaded.as_ref().map(|l| {
-        json!({
-            "epoch": 0,
-            "model": l.name,
-            "devices": [{"node": st.node_name, "id": st.node_id, "layers": [[0, l.n_layers]]}],
-        })
-    });
+    let ring_plan = st
+        .cluster
+        .as_ref()
+        .and_then(|c| c.status.read().expect("cluster status").plan.clone());
+    let plan = match ring_plan {
+        Some(p) => Some(plan_json(&p)),
+        None => loaded.as_ref().map(|l| {
+            json!({
+                "epoch": 0,
+                "model": l.name,
+                "live": true,
+                "k": 1,
+                "devices": [{"node": st.node_name, "id": st.node_id, "layers": [[0, l.n_layers]]}],
+            })
+        }),
+    };
     Ok(Json(json!({
         "node": {
             "id": st.node_id,
@@ -661,6 +675,12 @@ async fn status(State(st): St) -> Result<Json<Value>, ApiError> {
             "registered": st.store.models()?.len(),
         },
         "plan": plan,
+        "ring": st.ring.as_ref().map(|r| json!({
+            "head_requests": r.stats.head_requests.load(Ordering::Relaxed),
+            "forwarded": r.stats.forwarded.load(Ordering::Relaxed),
+            "batches": r.stats.batches.load(Ordering::Relaxed),
+            "resident": r.resident(),
+        })),
         "cluster": st.cluster.as_ref().map(|c| c.status.read().expect("cluster status").clone()),
         "load": {
             "running": s.running.load(Ordering::Relaxed),
@@ -697,6 +717,9 @@ async fn api_remove_model(
 ) -> Result<Json<Value>, ApiError> {
     if st.store.remove_model(&name)? {
         tracing::info!(model = %name, "model removed from the registry");
+        if let Some(r) = &st.ring {
+            crate::serve::refresh_ring_ad(r, &st.store, &st.cfg.model.default);
+        }
         Ok(Json(json!({ "removed": name })))
     } else {
         Err(ApiError::new(
@@ -837,6 +860,9 @@ fn add_model(
     };
     st.store.put_model(&entry)?;
     tracing::info!(model = %entry.name, path = %entry.path.display(), "model registered");
+    if let Some(r) = &st.ring {
+        crate::serve::refresh_ring_ad(r, &st.store, &st.cfg.model.default);
+    }
     Ok(entry)
 }
 
@@ -1008,20 +1034,34 @@ fn profile_fingerprint(st: &AppState) -> String {
     )
 }
 
+/// The cached measured profile, if it is still valid for this device.
+pub(crate) fn cached_profile(st: &AppState) -> Option<halda::DeviceProfile> {
+    let c = st.store.profile().ok()??;
+    if c["fingerprint"] != profile_fingerprint(st).as_str() {
+        return None;
+    }
+    serde_json::from_value(c["profile"].clone()).ok()
+}
+
 /// This device's profile for Halda: cached in the store, measured again when
 /// the hardware/software fingerprint changes or on `?refresh=true`.
 async fn api_profile(
     State(st): St,
     axum::extract::Query(q): axum::extract::Query<ProfileQuery>,
 ) -> Result<Json<Value>, ApiError> {
+    measure_profile(&st, q.refresh).await.map(Json)
+}
+
+/// Measures (or returns the cached) profile record.
+pub(crate) async fn measure_profile(st: &Arc<AppState>, refresh: bool) -> Result<Value, ApiError> {
     // One measurement at a time (they share a scratch file and the CPU).
     static PROFILING: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
     let _one = PROFILING.lock().await;
-    let fp = profile_fingerprint(&st);
-    if !q.refresh {
+    let fp = profile_fingerprint(st);
+    if !refresh {
         if let Some(c) = st.store.profile()? {
             if c["fingerprint"] == fp.as_str() {
-                return Ok(Json(c));
+                return Ok(c);
             }
         }
     }
@@ -1044,5 +1084,100 @@ async fn api_profile(
     .map_err(|e| ApiError::internal(e.to_string()))?
     .map_err(|e| ApiError::internal(format!("profiling failed: {e:#}")))?;
     st.store.set_profile(&v)?;
-    Ok(Json(v))
+    Ok(v)
+}
+
+/// A ring plan as the API shows it: per device its layers and readiness.
+fn plan_json(p: &crate::cluster::net::PlanStatus) -> Value {
+    let plan = &p.plan;
+    let devices: Vec<Value> = plan
+        .devices
+        .iter()
+        .enumerate()
+        .map(|(rank, d)| {
+            let layers: Vec<[usize; 2]> = plan
+                .windows(rank)
+                .iter()
+                .map(|r| [r.start, r.end])
+                .collect();
+            json!({
+                "rank": rank,
+                "node": d.name,
+                "id": d.id,
+                "head": rank == 0,
+                "window": d.window,
+                "gpu_layers": d.gpu_layers,
+                "layers": layers,
+                "ready": p.ready.get(rank).copied().unwrap_or(false),
+                "share": d.share,
+            })
+        })
+        .collect();
+    json!({
+        "epoch": plan.epoch,
+        "model": plan.model,
+        "n_layer": plan.n_layer,
+        "k": plan.k,
+        "live": p.live,
+        "pinned": plan.pinned,
+        "tpot_ms": plan.tpot_ms,
+        "my_rank": p.my_rank,
+        "coordinator": plan.coordinator,
+        "devices": devices,
+        "dropped": plan.dropped,
+    })
+}
+
+async fn api_plan(State(st): St) -> Result<Json<Value>, ApiError> {
+    let c = cluster_of(&st)?;
+    let s = c.status.read().expect("cluster status").clone();
+    let coordinator = s.coordinator.as_ref().map(|id| {
+        s.devices
+            .iter()
+            .find(|d| &d.id == id)
+            .map(|d| d.name.clone())
+            .unwrap_or_else(|| id.clone())
+    });
+    Ok(Json(json!({
+        "plan": s.plan.as_ref().map(plan_json),
+        "coordinator": coordinator,
+        "ring_enabled": st.ring.is_some(),
+    })))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PinBody {
+    k: u32,
+    /// `[[device, window], ...]`, head first.
+    windows: Vec<(String, u32)>,
+}
+
+async fn api_pin_plan(State(st): St, body: Result<Bytes, BytesRejection>) -> Response {
+    let b: PinBody = match parse_body(body) {
+        Ok(b) => b,
+        Err(e) => return e.into_response(),
+    };
+    let c = match cluster_of(&st) {
+        Ok(c) => c,
+        Err(e) => return e.into_response(),
+    };
+    let pin = crate::ring::Pin {
+        k: b.k,
+        windows: b.windows,
+    };
+    match c.pin(Some(pin)).await {
+        Ok(()) => Json(json!({"pinned": true})).into_response(),
+        Err(e) => ApiError::bad_request(format!("{e:#}"))
+            .code("plan_refused")
+            .into_response(),
+    }
+}
+
+async fn api_unpin_plan(State(st): St) -> Result<Json<Value>, ApiError> {
+    let c = cluster_of(&st)?;
+    c.pin(None)
+        .await
+        .map_err(|e| ApiError::bad_request(format!("{e:#}")).code("plan_refused"))?;
+    Ok(Json(json!({"pinned": false})))
 }

@@ -8,6 +8,7 @@ pub mod cluster;
 pub mod error;
 pub mod modelprof;
 pub mod profiler;
+pub mod ring;
 pub mod serve;
 pub mod store;
 pub mod worker;

@@ -13,6 +13,7 @@ use prima_config::Config;
 
 use crate::{
     api::{self, AppState},
+    ring::{ModelAd, Ring},
     store::Store,
     worker::{Settings, Worker},
 };
@@ -67,10 +68,27 @@ async fn serve(cfg: Config) -> Result<()> {
     if cfg.model.threads > 0 {
         prima_kernels::cpu::set_threads(cfg.model.threads).context("[model] threads")?;
     }
+    let ring = (cfg.cluster.enabled && cfg.ring.enabled).then(|| {
+        Ring::start(
+            node_id.clone(),
+            crate::ring::Settings {
+                model: cfg.model.default.clone(),
+                timeout: Duration::from_millis(cfg.ring.timeout_ms),
+                ubatch: cfg.ring.ubatch,
+                max_ctx: cfg.model.ctx,
+                prefetch: cfg.ring.prefetch,
+            },
+            Duration::from_millis(cfg.cluster.dead_ms),
+        )
+    });
+    if let Some(r) = &ring {
+        refresh_ring_ad(r, &store, &cfg.model.default);
+    }
     let worker = Worker::start(Settings {
         ctx: cfg.model.ctx,
         default_max_tokens: cfg.model.max_tokens,
         queue_limit: cfg.api.queue_limit,
+        ring: ring.clone().map(|r| (r, tokio::runtime::Handle::current())),
     });
     let cluster = if cfg.cluster.enabled {
         if cfg.cluster.open_household {
@@ -85,6 +103,13 @@ async fn serve(cfg: Config) -> Result<()> {
                 key.clone(),
                 crate::cluster::net::Profile::local(&node_name),
                 store.clone(),
+                ring.clone().map(|r| {
+                    (
+                        r,
+                        cfg.model.ctx.min(u32::MAX as usize) as u32,
+                        cfg.ring.use_all_devices,
+                    )
+                }),
             )
             .await?,
         )
@@ -104,8 +129,31 @@ async fn serve(cfg: Config) -> Result<()> {
         node_name: node_name.clone(),
         started: Instant::now(),
         cluster: cluster.clone(),
+        ring: ring.clone(),
     });
     let app = api::router(state.clone());
+    if let Some(r) = &ring {
+        let (w, store, name) = (
+            worker.clone(),
+            store.clone(),
+            state.cfg.model.default.clone(),
+        );
+        r.set_ask_handler(Arc::new(move |req| {
+            let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+            let entry = store.model(&name).ok().flatten();
+            let res = match entry {
+                Some(e) => w.submit(e, req, tx.clone()),
+                None => Err(crate::error::ApiError::bad_request(format!(
+                    "model '{name}' is not registered on the head"
+                ))),
+            };
+            if let Err(e) = res {
+                let _ = tx.send(crate::worker::Event::Failed(e));
+            }
+            rx
+        }));
+        tokio::spawn(ring_upkeep(r.clone(), state.clone()));
+    }
     match store
         .models()?
         .iter()
@@ -149,6 +197,9 @@ async fn serve(cfg: Config) -> Result<()> {
     }
     let w = worker.clone();
     tokio::task::spawn_blocking(move || w.stop()).await.ok();
+    if let Some(r) = ring {
+        tokio::task::spawn_blocking(move || r.stop()).await.ok();
+    }
     drop(state);
     tracing::info!("primad stopped");
     Ok(())
@@ -248,4 +299,84 @@ pub fn hostile_gossip(cfg: Config, peer: &str) -> Result<()> {
         eprintln!("sent {n} hostile gossip messages to {peer}");
         Ok(())
     })
+}
+
+/// Advertises the default model to the ring when it is registered here (and
+/// its file exists), with its layer count; clears it otherwise.
+pub(crate) fn refresh_ring_ad(ring: &Ring, store: &Store, model: &str) {
+    let entry = store
+        .model(model)
+        .ok()
+        .flatten()
+        .filter(|e| e.path.is_file());
+    let current = ring.local_ad().model;
+    match entry {
+        Some(e) => {
+            if current.as_ref().is_some_and(|m| m.sha256 == e.sha256) {
+                return;
+            }
+            let gguf = match prima_kernels::gguf::Gguf::open(&e.path) {
+                Ok(g) => g,
+                Err(err) => {
+                    tracing::warn!(model = %e.name, error = %err, "cannot offer the model to the ring");
+                    return ring.set_model(None);
+                }
+            };
+            match prima_kernels::model::config::Config::from_metadata(&gguf.metadata) {
+                Ok(c) => {
+                    ring.set_dim(c.n_embd);
+                    ring.set_model(Some((
+                        ModelAd {
+                            name: e.name.clone(),
+                            sha256: e.sha256.clone(),
+                            n_layer: c.n_layer as u32,
+                        },
+                        e.path.clone(),
+                    )));
+                    tracing::info!(model = %e.name, layers = c.n_layer, "offering the model to the ring");
+                }
+                Err(err) => {
+                    tracing::warn!(model = %e.name, error = %err, "cannot offer the model to the ring");
+                    ring.set_model(None);
+                }
+            }
+        }
+        None => {
+            if current.is_some() {
+                ring.set_model(None);
+            }
+        }
+    }
+}
+
+/// Keeps the ring's advertisement current: the model (it may be added or
+/// removed while running) and the measured profile (taken once when
+/// `[ring] auto_profile` is on and none is cached).
+async fn ring_upkeep(ring: Arc<Ring>, st: Arc<AppState>) {
+    let mut profiled = false;
+    loop {
+        {
+            let (r, s) = (ring.clone(), st.clone());
+            let _ = tokio::task::spawn_blocking(move || {
+                refresh_ring_ad(&r, &s.store, &s.cfg.model.default)
+            })
+            .await;
+        }
+        let cached = api::cached_profile(&st);
+        if cached.is_none()
+            && !profiled
+            && st.cfg.ring.auto_profile
+            && ring.local_ad().model.is_some()
+        {
+            profiled = true;
+            if let Err(e) = api::measure_profile(&st, false).await {
+                tracing::warn!(error = %e, "profiling this device failed");
+            }
+        }
+        let p = api::cached_profile(&st);
+        if ring.local_ad().device != p {
+            ring.set_device_profile(p);
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
 }

@@ -25,8 +25,14 @@ use prima_kernels::{
 };
 use tokio::sync::{mpsc::UnboundedSender, OwnedSemaphorePermit, Semaphore};
 
-use crate::{error::ApiError, store::ModelEntry};
+use crate::{
+    error::ApiError,
+    ring::{AskEvent, Ring, Route},
+    store::ModelEntry,
+};
 
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Prompt {
     /// Messages rendered with the model's chat template.
     Chat(Vec<Message>),
@@ -34,6 +40,7 @@ pub enum Prompt {
     Raw(String),
 }
 
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct GenRequest {
     pub prompt: Prompt,
     /// None: the configured default, capped by the context left.
@@ -91,6 +98,9 @@ pub struct Settings {
     pub ctx: usize,
     pub default_max_tokens: usize,
     pub queue_limit: usize,
+    /// The household's ring, when the cluster runs: requests for its model
+    /// go through it once a plan is live.
+    pub ring: Option<(Arc<Ring>, tokio::runtime::Handle)>,
 }
 
 pub struct Worker {
@@ -276,6 +286,13 @@ fn serve(
     stats: &Stats,
     abort: &AtomicBool,
 ) -> Result<Option<Event>, ApiError> {
+    let route = match &settings.ring {
+        Some((ring, _)) => ring.route(&job.model.sha256),
+        None => Route::Local,
+    };
+    if let (Route::Forward(plan), Some((ring, handle))) = (&route, &settings.ring) {
+        return forward(ring, handle, plan, job, stats);
+    }
     let stale = loaded
         .as_ref()
         .is_none_or(|l| l.entry.path != job.model.path || l.entry.sha256 != job.model.sha256);
@@ -332,14 +349,24 @@ fn serve(
     };
     let mut sampler = Sampler::new(job.req.sampler.clone());
     let mut cancelled = false;
-    let g = engine::generate(model, tok, &ids, &params, &mut sampler, |piece| {
+    let on_text = |piece: &str| {
         if abort.load(Ordering::Relaxed) || job.events.send(Event::Text(piece.into())).is_err() {
             cancelled = true;
             return false;
         }
         true
-    })
-    .map_err(|e: ModelError| ApiError::internal(format!("generation failed: {e}")))?;
+    };
+    let g = match (&route, &settings.ring) {
+        (Route::Head(plan), Some((ring, _))) => {
+            ring.stats.head_requests.fetch_add(1, Ordering::Relaxed);
+            let mut session = ring.session(plan.clone(), ctx);
+            engine::generate_with(&mut session, tok, &ids, &params, &mut sampler, on_text).map_err(
+                |e| ApiError::new(StatusCode::BAD_GATEWAY, "server_error", e).code("ring_failed"),
+            )?
+        }
+        _ => engine::generate(model, tok, &ids, &params, &mut sampler, on_text)
+            .map_err(|e: ModelError| ApiError::internal(format!("generation failed: {e}")))?,
+    };
     stats
         .prompt_tokens
         .fetch_add(ids.len() as u64, Ordering::Relaxed);
@@ -368,4 +395,48 @@ fn serve(
         prompt_tokens: ids.len(),
         completion_tokens: g.ids.len(),
     }))
+}
+
+/// Passes a job to the ring's head and relays its answer.
+fn forward(
+    ring: &Ring,
+    handle: &tokio::runtime::Handle,
+    plan: &crate::ring::plan::RingPlan,
+    job: &Job,
+    stats: &Stats,
+) -> Result<Option<Event>, ApiError> {
+    let head = &plan.devices[0].name;
+    match ring.forward_blocking(handle, plan, &job.req, &job.events) {
+        Ok(Some(AskEvent::Done {
+            finish,
+            prompt_tokens,
+            completion_tokens,
+        })) => {
+            stats
+                .prompt_tokens
+                .fetch_add(prompt_tokens as u64, Ordering::Relaxed);
+            stats
+                .completion_tokens
+                .fetch_add(completion_tokens as u64, Ordering::Relaxed);
+            tracing::info!(%head, prompt_tokens, completion_tokens, "request answered by the ring's head");
+            Ok(Some(Event::Done {
+                finish: if finish == "length" { "length" } else { "stop" },
+                prompt_tokens,
+                completion_tokens,
+            }))
+        }
+        Ok(Some(AskEvent::Failed { status, message })) => {
+            let status = StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY);
+            let kind = if status.is_client_error() {
+                "invalid_request_error"
+            } else {
+                "server_error"
+            };
+            Err(ApiError::new(status, kind, message))
+        }
+        Ok(Some(_)) | Ok(None) => Ok(None),
+        Err(e) => {
+            Err(ApiError::new(StatusCode::BAD_GATEWAY, "server_error", e).code("ring_failed"))
+        }
+    }
 }

@@ -91,6 +91,45 @@ pub struct Generation {
     pub decode_time: Duration,
 }
 
+/// Something that turns tokens into next-token logits while keeping its
+/// own position: a local [`Session`], or a ring of devices.
+pub trait Evaluator {
+    type Error;
+    /// Evaluates `tokens` at the current position and returns the logits of
+    /// the last one.
+    fn eval_last(&mut self, tokens: &[u32]) -> Result<Vec<f32>, Self::Error>;
+    /// Tokens evaluated so far.
+    fn pos(&self) -> usize;
+    /// Context length in tokens.
+    fn ctx(&self) -> usize;
+}
+
+impl Evaluator for Session<'_> {
+    type Error = ModelError;
+    fn eval_last(&mut self, tokens: &[u32]) -> Result<Vec<f32>, ModelError> {
+        Session::eval_last(self, tokens)
+    }
+    fn pos(&self) -> usize {
+        Session::pos(self)
+    }
+    fn ctx(&self) -> usize {
+        Session::ctx(self)
+    }
+}
+
+/// Checks that `prompt_ids` fits a context of `ctx` tokens with room for
+/// at least one more.
+pub fn check_prompt(prompt_ids: &[u32], ctx: usize) -> Result<(), ModelError> {
+    if prompt_ids.is_empty() || prompt_ids.len() >= ctx {
+        return Err(ModelError::ContextFull {
+            start: 0,
+            end: prompt_ids.len(),
+            ctx,
+        });
+    }
+    Ok(())
+}
+
 /// Generates from `prompt_ids`, calling `on_text` with each new piece of
 /// text as soon as it is complete UTF-8 (and cannot be the start of a stop
 /// string). Returning `false` from `on_text` cancels.
@@ -100,24 +139,23 @@ pub fn generate(
     prompt_ids: &[u32],
     params: &GenerateParams,
     sampler: &mut Sampler,
-    mut on_text: impl FnMut(&str) -> bool,
+    on_text: impl FnMut(&str) -> bool,
 ) -> Result<Generation, ModelError> {
     let ctx = params.ctx.min(model.config.ctx_train).max(1);
-    if prompt_ids.is_empty() {
-        return Err(ModelError::ContextFull {
-            start: 0,
-            end: 0,
-            ctx,
-        });
-    }
-    if prompt_ids.len() >= ctx {
-        return Err(ModelError::ContextFull {
-            start: 0,
-            end: prompt_ids.len(),
-            ctx,
-        });
-    }
+    check_prompt(prompt_ids, ctx)?;
     let mut session = Session::new(model, ctx);
+    generate_with(&mut session, tok, prompt_ids, params, sampler, on_text)
+}
+
+/// [`generate`] over any [`Evaluator`] (which must be at position 0).
+pub fn generate_with<E: Evaluator>(
+    session: &mut E,
+    tok: &Tokenizer,
+    prompt_ids: &[u32],
+    params: &GenerateParams,
+    sampler: &mut Sampler,
+    mut on_text: impl FnMut(&str) -> bool,
+) -> Result<Generation, E::Error> {
     let t0 = Instant::now();
     let mut logits = session.eval_last(prompt_ids)?;
     let prefill_time = t0.elapsed();

@@ -36,6 +36,12 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
 
+use crate::ring::{
+    plan::RingPlan,
+    planner::{self, Candidate},
+    Pin, Ring, RingAd,
+};
+
 use super::{
     election::{self, Election},
     membership::{self, Membership, MembershipConfig, PeerState},
@@ -98,6 +104,10 @@ struct Heartbeat {
     /// The sender's roster (paired households), so changes spread.
     #[serde(default)]
     roster: Option<SignedRoster>,
+    /// The sender's part in the ring: its model, readiness, measured
+    /// profile, and (from the coordinator) the plan.
+    #[serde(default)]
+    ring: Option<RingAd>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -140,6 +150,20 @@ pub struct ClusterStatus {
     pub roster: Option<super::roster::Roster>,
     /// A pairing code is open on this device.
     pub pairing: bool,
+    /// The ring plan this device follows.
+    pub plan: Option<PlanStatus>,
+}
+
+/// The ring plan as `primactl plan` shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct PlanStatus {
+    pub plan: RingPlan,
+    /// Every device has loaded its windows.
+    pub live: bool,
+    /// By rank.
+    pub ready: Vec<bool>,
+    /// This device's rank, if it is in the plan.
+    pub my_rank: Option<usize>,
 }
 
 pub enum Command {
@@ -148,6 +172,11 @@ pub enum Command {
     SetPairing(bool),
     /// A new roster made here (a device paired or removed): apply and spread.
     Roster(SignedRoster),
+    /// Pin a plan (None: let Halda plan again). Only the coordinator plans.
+    Pin(
+        Option<Pin>,
+        tokio::sync::oneshot::Sender<std::result::Result<(), String>>,
+    ),
 }
 
 pub struct Cluster {
@@ -180,6 +209,8 @@ struct Behaviour {
     gossipsub: gossipsub::Behaviour,
     ping: ping::Behaviour,
     identify: identify::Behaviour,
+    /// `/prima/ring/1` and `/prima/ask/1` streams.
+    stream: libp2p_stream::Behaviour,
 }
 
 pub struct Settings {
@@ -190,6 +221,10 @@ pub struct Settings {
     /// None for an open household (no roster, no gate).
     pub roster: Option<SignedRoster>,
     pub store: Arc<crate::store::Store>,
+    pub ring: Option<Arc<Ring>>,
+    /// Context length plans are made for.
+    pub n_ctx: u32,
+    pub use_all_devices: bool,
 }
 
 /// The port pairing listens on while a code is open.
@@ -317,6 +352,7 @@ fn build_swarm_with(s: &Settings, max_transmit: usize) -> Result<Swarm<Behaviour
                     format!("/prima/id/{PROTOCOL_VERSION}"),
                     key.public(),
                 )),
+                stream: libp2p_stream::Behaviour::new(),
             })
         })?
         .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(60)))
@@ -360,6 +396,7 @@ pub async fn send_hostile_gossip(s: Settings, target: Multiaddr) -> Result<usize
         coordinator: String::new(),
         bye: false,
         roster: None,
+        ring: None,
     };
     let mut wrong_version = good.clone();
     wrong_version.v = 99;
@@ -420,6 +457,9 @@ pub async fn start(s: Settings, status: Arc<RwLock<ClusterStatus>>) -> Result<Cl
         roster: s.roster.as_ref().map(|r| r.roster.clone()),
         ..Default::default()
     };
+    if let Some(r) = &s.ring {
+        r.attach(swarm.behaviour().stream.new_control());
+    }
     let (tx, rx) = mpsc::channel(16);
     let lp = Loop::new(s, swarm, mdns, status.clone());
     let task = tokio::spawn(lp.run(rx));
@@ -516,6 +556,11 @@ struct Loop {
     nearby: BTreeMap<String, Nearby>,
     roster: Option<SignedRoster>,
     pairing: bool,
+    /// What the last plan was made from; a new plan is made when it changes.
+    plan_key: String,
+    /// Highest plan epoch seen anywhere.
+    max_epoch: u64,
+    last_plan_check: Instant,
 }
 
 impl Loop {
@@ -562,6 +607,9 @@ impl Loop {
             nearby: BTreeMap::new(),
             roster,
             pairing: false,
+            plan_key: String::new(),
+            max_epoch: 0,
+            last_plan_check: Instant::now(),
         }
     }
 
@@ -591,6 +639,9 @@ impl Loop {
                         self.announce();
                     }
                     Some(Command::Roster(r)) => self.apply_roster(r),
+                    Some(Command::Pin(pin, reply)) => {
+                        let _ = reply.send(self.pin(pin));
+                    }
                     Some(Command::Shutdown) | None => {
                         self.publish(true);
                         // Let the goodbye leave before the connections close.
@@ -614,6 +665,13 @@ impl Loop {
 
     fn publish(&mut self, bye: bool) {
         let view = self.election.view();
+        let ring = self.s.ring.as_ref().map(|r| {
+            let mut ad = r.local_ad();
+            if self.election.is_coordinator() {
+                ad.plan = r.plan().filter(|p| p.coordinator == self.me.to_string());
+            }
+            ad
+        });
         let hb = Heartbeat {
             v: PROTOCOL_VERSION,
             profile: self.s.profile.clone(),
@@ -621,6 +679,7 @@ impl Loop {
             coordinator: view.coordinator.clone(),
             bye,
             roster: self.roster.clone(),
+            ring,
         };
         let data = serde_json::to_vec(&hb).expect("heartbeats serialise");
         // No peers yet is normal for a household of one.
@@ -753,7 +812,26 @@ impl Loop {
             addr: None,
             rtt: None,
         });
+        let name = hb.profile.name.clone();
         e.profile = Some(hb.profile);
+        if let (Some(ring), Some(ad)) = (&self.s.ring, hb.ring) {
+            if let Some(p) = &ad.plan {
+                self.max_epoch = self.max_epoch.max(p.epoch);
+                // Plans come from the device that made them, while it
+                // says it coordinates.
+                if p.coordinator == id && hb.coordinator == id && !hb.bye {
+                    ring.adopt(p.clone());
+                }
+            }
+            ring.peers.write().expect("peers").insert(
+                id.clone(),
+                crate::ring::PeerAd {
+                    name,
+                    ad,
+                    heard: now,
+                },
+            );
+        }
         if !hb.bye {
             self.election.on_event(
                 now,
@@ -818,7 +896,137 @@ impl Loop {
             tracing::info!(coordinator = %v.coordinator, term = v.term, "coordinator elected");
         }
         self.refresh_mdns_tag();
+        if self.last_plan_check.elapsed() >= Duration::from_millis(250) {
+            self.last_plan_check = now;
+            let _ = self.replan(false);
+        }
         self.write_status();
+    }
+
+    /// Sets or clears the pin and plans again at once.
+    fn pin(&mut self, pin: Option<Pin>) -> std::result::Result<(), String> {
+        let Some(ring) = self.s.ring.clone() else {
+            return Err("the ring is disabled on this device ([ring] enabled)".into());
+        };
+        if !self.election.is_coordinator() {
+            let c = self.election.view().coordinator.clone();
+            let name = c
+                .parse::<PeerId>()
+                .ok()
+                .and_then(|p| self.peers.get(&p))
+                .and_then(|i| i.profile.as_ref())
+                .map(|p| p.name.clone())
+                .unwrap_or(c);
+            return Err(format!(
+                "only the coordinator plans; ask '{name}' (primactl on that device)"
+            ));
+        }
+        let old = ring.pin.read().expect("pin").clone();
+        *ring.pin.write().expect("pin") = pin;
+        match self.replan(true) {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                *ring.pin.write().expect("pin") = old;
+                self.plan_key.clear();
+                Err(e)
+            }
+        }
+    }
+
+    /// On the coordinator: plans the ring again when the devices holding
+    /// the model, their profiles or the pin changed. `force` reports errors
+    /// (and plans even if nothing changed).
+    fn replan(&mut self, force: bool) -> std::result::Result<(), String> {
+        let Some(ring) = self.s.ring.clone() else {
+            return Ok(());
+        };
+        if !self.election.is_coordinator() {
+            return Ok(());
+        }
+        let local = ring.local_ad();
+        let Some(model) = local.model.clone() else {
+            return Err("this device does not hold the household's model".into());
+        };
+        let Some(path) = ring.model_file() else {
+            return Err("the model file is missing here".into());
+        };
+        let me = self.me.to_string();
+        let mut cands = vec![Candidate {
+            id: me.clone(),
+            name: self.s.profile.name.clone(),
+            device: local.device.clone(),
+            cores: self.s.profile.cores,
+            ram_mb: self.s.profile.ram_mb,
+            links: vec![],
+        }];
+        {
+            let peers = ring.peers.read().expect("peers");
+            let mut live: Vec<&String> = self.membership.live().map(|(id, _)| id).collect();
+            live.sort();
+            for id in live {
+                let Some(p) = peers.get(id) else { continue };
+                if p.ad.model.as_ref().is_none_or(|m| m.sha256 != model.sha256) {
+                    continue;
+                }
+                let info = id
+                    .parse::<PeerId>()
+                    .ok()
+                    .and_then(|pid| self.peers.get(&pid));
+                let prof = info.and_then(|i| i.profile.clone());
+                cands.push(Candidate {
+                    id: id.clone(),
+                    name: p.name.clone(),
+                    device: p.ad.device.clone(),
+                    cores: prof.as_ref().map(|p| p.cores).unwrap_or(1),
+                    ram_mb: prof.as_ref().map(|p| p.ram_mb).unwrap_or(1024),
+                    links: vec![],
+                });
+            }
+        }
+        let pin = ring.pin.read().expect("pin").clone();
+        let key = serde_json::to_string(&(
+            cands
+                .iter()
+                .map(|c| (&c.id, c.device.is_some()))
+                .collect::<Vec<_>>(),
+            &model,
+            &pin,
+        ))
+        .unwrap_or_default();
+        let current = ring.plan();
+        let mine = current.as_ref().is_some_and(|p| p.coordinator == me);
+        if key == self.plan_key && mine && !force {
+            return Ok(());
+        }
+        self.plan_key = key;
+        let epoch = self.max_epoch.max(current.map(|p| p.epoch).unwrap_or(0)) + 1;
+        let req = planner::Request {
+            model: &model,
+            path: &path,
+            candidates: &cands,
+            pin: pin.as_ref(),
+            epoch,
+            coordinator: &me,
+            n_ctx: self.s.n_ctx,
+            use_all_devices: self.s.use_all_devices,
+        };
+        let t = Instant::now();
+        match planner::make_plan(&req) {
+            Ok(plan) => {
+                tracing::info!(
+                    epoch, devices = cands.len(), took = ?t.elapsed(),
+                    tpot_ms = ?plan.tpot_ms, "planned the ring"
+                );
+                self.max_epoch = epoch;
+                ring.adopt(plan);
+                self.publish(false);
+                Ok(())
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot plan the ring");
+                Err(e)
+            }
+        }
     }
 
     /// Installs a newer roster: the gate follows it, it is stored, and it
@@ -1033,6 +1241,16 @@ impl Loop {
         st.devices = devices;
         st.nearby_unpaired = self.nearby.values().cloned().collect();
         st.pairing = self.pairing;
+        st.plan = self.s.ring.as_ref().and_then(|r| {
+            let plan = r.plan()?;
+            let ready = r.readiness();
+            Some(PlanStatus {
+                live: ready.iter().all(|&x| x),
+                ready,
+                my_rank: plan.rank_of(&self.me.to_string()),
+                plan,
+            })
+        });
     }
 }
 
@@ -1081,9 +1299,16 @@ mod tests {
             coordinator: "c".into(),
             bye: false,
             roster: None,
+            ring: Some(RingAd::default()),
         })
         .unwrap();
         assert!(serde_json::from_slice::<Heartbeat>(&ok).is_ok());
+        // A ring advertisement with a broken plan does not parse either.
+        let bad = String::from_utf8(ok)
+            .unwrap()
+            .replace("\"plan\":null", "\"plan\":{\"epoch\":\"x\"}");
+        assert!(bad.contains("\"epoch\":\"x\""));
+        assert!(serde_json::from_slice::<Heartbeat>(bad.as_bytes()).is_err());
     }
 
     #[test]

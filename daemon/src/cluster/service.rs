@@ -34,6 +34,9 @@ pub struct ClusterCtl {
     store: Arc<Store>,
     me: String,
     offer: Mutex<Option<Offer>>,
+    ring: Option<Arc<crate::ring::Ring>>,
+    n_ctx: u32,
+    use_all_devices: bool,
 }
 
 impl ClusterCtl {
@@ -42,7 +45,12 @@ impl ClusterCtl {
         key: Keypair,
         profile: Profile,
         store: Arc<Store>,
+        ring: Option<(Arc<crate::ring::Ring>, u32, bool)>,
     ) -> Result<Arc<Self>> {
+        let (ring, n_ctx, use_all_devices) = match ring {
+            Some((r, n, all)) => (Some(r), n, all),
+            None => (None, 0, false),
+        };
         let me = key.public().to_peer_id().to_string();
         let ctl = Arc::new(Self {
             status: Arc::new(RwLock::new(ClusterStatus::default())),
@@ -54,6 +62,9 @@ impl ClusterCtl {
             store,
             me,
             offer: Mutex::new(None),
+            ring,
+            n_ctx,
+            use_all_devices,
         });
         ctl.launch().await?;
         Ok(ctl)
@@ -99,6 +110,9 @@ impl ClusterCtl {
             store: store.clone(),
             me,
             offer: Mutex::new(None),
+            ring: None,
+            n_ctx: 0,
+            use_all_devices: false,
         };
         let (secret, roster) = ctl.household()?;
         let target = target
@@ -112,6 +126,9 @@ impl ClusterCtl {
                 profile,
                 roster,
                 store,
+                ring: None,
+                n_ctx: 0,
+                use_all_devices: false,
             },
             target,
         )
@@ -128,6 +145,9 @@ impl ClusterCtl {
                 profile: self.profile.clone(),
                 roster,
                 store: self.store.clone(),
+                ring: self.ring.clone(),
+                n_ctx: self.n_ctx,
+                use_all_devices: self.use_all_devices,
             },
             self.status.clone(),
         )
@@ -148,6 +168,15 @@ impl ClusterCtl {
         if let Some(tx) = tx {
             let _ = tx.send(c).await;
         }
+    }
+
+    /// Pins the ring plan (None: Halda plans again); only on the coordinator.
+    pub async fn pin(&self, pin: Option<crate::ring::Pin>) -> Result<()> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.send(Command::Pin(pin, tx)).await;
+        rx.await
+            .map_err(|_| anyhow!("the cluster is restarting; try again"))?
+            .map_err(|e| anyhow!(e))
     }
 
     /// Opens (or returns the open) pairing code; returns it with its

@@ -6,7 +6,7 @@ use serde::Serialize;
 use super::{Tokenizer, TokenizerError};
 
 /// One chat message.
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq, Eq)]
 pub struct Message {
     pub role: String,
     pub content: String,

@@ -1,0 +1,453 @@
+//! The ring executor: one OS thread per device that runs this device's
+//! layer windows on the batches that reach it, in arrival order.
+//!
+//! Everything a device does for the ring goes through here: preparing a
+//! plan (map the GGUF, load only its windows, warm up), running a window on
+//! an activation frame and passing the result on, applying KV-cache
+//! commands, and on the head embedding new batches, closing each round and
+//! producing logits. Because frames are taken in order, a device works on
+//! micro-batch i+1 while its successor works on i: prefill is pipelined
+//! across the ring without any extra machinery.
+//!
+//! After a window has run and its output is on its way, the device asks the
+//! kernel to read its next window ahead (spec §2.3), so the disk works while
+//! the other devices compute.
+
+use std::{
+    collections::HashMap,
+    ops::Range,
+    path::PathBuf,
+    sync::{mpsc, Arc},
+    time::Instant,
+};
+
+use prima_kernels::{
+    gguf::Gguf,
+    model::{Hidden, KvCache},
+    Model,
+};
+
+use super::{
+    plan::RingPlan,
+    wire::{Frame, Header, KvOp},
+};
+
+/// What the head's driver gets back for a batch: logits of its last token.
+pub type Logits = Result<Vec<f32>, String>;
+
+pub enum Input {
+    /// Load this device's windows of `plan` from `path`; `done` hears the
+    /// outcome.
+    Prepare {
+        plan: RingPlan,
+        rank: Option<usize>,
+        path: Option<PathBuf>,
+        done: Box<dyn FnOnce(Result<(), String>) + Send>,
+    },
+    /// A frame from `from` (a peer id).
+    Frame {
+        from: String,
+        frame: Frame,
+    },
+    /// Head: start a batch of a session.
+    Submit {
+        req: u64,
+        tokens: Vec<u32>,
+        pos: usize,
+        ctx: usize,
+        last: bool,
+        reply: mpsc::Sender<Logits>,
+    },
+    /// Head: a cache command for a session (applied here, then sent round).
+    Kv {
+        req: u64,
+        op: KvOp,
+    },
+    Stop,
+}
+
+/// A frame to send to the device with peer id `to`.
+pub struct Outgoing {
+    pub to: String,
+    pub frame: Frame,
+}
+
+struct Prepared {
+    plan: RingPlan,
+    rank: usize,
+    file: Arc<Gguf>,
+    /// One model view per round, holding that round's window.
+    windows: Vec<Model>,
+    ranges: Vec<Range<usize>>,
+    sessions: HashMap<u64, Vec<KvCache>>,
+    /// Head: who waits for the logits of each session.
+    replies: HashMap<u64, mpsc::Sender<Logits>>,
+}
+
+pub struct Settings {
+    /// Largest context a session may ask for.
+    pub max_ctx: usize,
+    /// Advise the kernel to read the next window after each one.
+    pub prefetch: bool,
+}
+
+/// Runs until `Input::Stop` or the input channel closes.
+pub fn run(
+    rx: mpsc::Receiver<Input>,
+    out: tokio::sync::mpsc::UnboundedSender<Outgoing>,
+    settings: Settings,
+) {
+    let mut state: Option<Prepared> = None;
+    while let Ok(input) = rx.recv() {
+        match input {
+            Input::Stop => break,
+            Input::Prepare {
+                plan,
+                rank,
+                path,
+                done,
+            } => {
+                // Reuse the loaded windows when only the epoch moved.
+                if let (Some(p), Some(r)) = (&mut state, rank) {
+                    if p.plan.same_layout(&plan) && p.rank == r {
+                        p.plan = plan;
+                        done(Ok(()));
+                        continue;
+                    }
+                }
+                state = None; // unmap the old windows first
+                match (rank, path) {
+                    (Some(rank), Some(path)) => match prepare(plan, rank, path) {
+                        Ok(p) => {
+                            state = Some(p);
+                            done(Ok(()));
+                        }
+                        Err(e) => done(Err(e)),
+                    },
+                    (None, _) => done(Ok(())), // not in this plan
+                    (Some(_), None) => done(Err("the plan's model is not here".into())),
+                }
+            }
+            Input::Frame { from, frame } => match &mut state {
+                Some(p) => p.on_frame(&from, frame, &out, &settings),
+                None => tracing::debug!(peer = %from, "ring frame before any plan; dropped"),
+            },
+            Input::Submit {
+                req,
+                tokens,
+                pos,
+                ctx,
+                last,
+                reply,
+            } => match &mut state {
+                Some(p) if p.rank == 0 => {
+                    p.replies.insert(req, reply);
+                    p.submit(req, &tokens, pos, ctx, last, &out, &settings);
+                }
+                _ => {
+                    let _ = reply.send(Err("this device is not the ring's head".into()));
+                }
+            },
+            Input::Kv { req, op } => {
+                if let Some(p) = &mut state {
+                    p.kv(req, op, &out);
+                }
+            }
+        }
+    }
+}
+
+fn prepare(plan: RingPlan, rank: usize, path: PathBuf) -> Result<Prepared, String> {
+    let t = Instant::now();
+    let file = Arc::new(Gguf::open(&path).map_err(|e| format!("opening {}: {e}", path.display()))?);
+    let ranges = plan.windows(rank);
+    let mut windows = Vec::with_capacity(ranges.len());
+    for r in &ranges {
+        windows.push(
+            Model::load(file.clone(), r.clone())
+                .map_err(|e| format!("loading layers {r:?}: {e}"))?,
+        );
+    }
+    let n_layer = windows
+        .first()
+        .map(|m| m.config.n_layer)
+        .unwrap_or_default();
+    if n_layer != plan.n_layer as usize {
+        return Err(format!(
+            "the model here has {n_layer} layers, the plan says {}",
+            plan.n_layer
+        ));
+    }
+    // Warm up: one token through every window touches its weights and the
+    // kernels' buffers, so the first real token is not the slow one.
+    for (m, r) in windows.iter().zip(&ranges) {
+        let mut kv = KvCache::new(&m.config, r.clone(), 1);
+        let mut h = Hidden {
+            data: vec![0.0; m.config.n_embd],
+            n_tokens: 1,
+            dim: m.config.n_embd,
+        };
+        m.forward_layers(r.clone(), &mut h, &mut kv, 0)
+            .map_err(|e| format!("warm-up of layers {r:?}: {e}"))?;
+    }
+    tracing::info!(
+        epoch = plan.epoch, rank, windows = ?ranges, elapsed = ?t.elapsed(),
+        "ring windows loaded"
+    );
+    Ok(Prepared {
+        plan,
+        rank,
+        file,
+        windows,
+        ranges,
+        sessions: HashMap::new(),
+        replies: HashMap::new(),
+    })
+}
+
+impl Prepared {
+    fn dim(&self) -> usize {
+        self.windows[0].config.n_embd
+    }
+
+    fn send(&self, rank: usize, frame: Frame, out: &tokio::sync::mpsc::UnboundedSender<Outgoing>) {
+        let _ = out.send(Outgoing {
+            to: self.plan.devices[rank].id.clone(),
+            frame,
+        });
+    }
+
+    /// Reports a failed session to the head (straight there, not round the
+    /// ring, which may be what broke).
+    fn fail(&mut self, req: u64, msg: String, out: &tokio::sync::mpsc::UnboundedSender<Outgoing>) {
+        tracing::warn!(req, error = %msg, "ring batch failed");
+        self.sessions.remove(&req);
+        if self.rank == 0 {
+            if let Some(r) = self.replies.remove(&req) {
+                let _ = r.send(Err(msg));
+            }
+        } else {
+            let epoch = self.plan.epoch;
+            self.send(0, Frame::control(Header::Fail { epoch, req, msg }), out);
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn submit(
+        &mut self,
+        req: u64,
+        tokens: &[u32],
+        pos: usize,
+        ctx: usize,
+        last: bool,
+        out: &tokio::sync::mpsc::UnboundedSender<Outgoing>,
+        s: &Settings,
+    ) {
+        let h = match self.windows[0].embed(tokens) {
+            Ok(h) => h,
+            Err(e) => return self.fail(req, e.to_string(), out),
+        };
+        let (rank, round) = self.plan.first_stage();
+        self.route(req, rank, round, pos, ctx, last, h, out, s);
+    }
+
+    /// Runs or sends the batch for stage (rank, round).
+    #[allow(clippy::too_many_arguments)]
+    fn route(
+        &mut self,
+        req: u64,
+        mut rank: usize,
+        mut round: u32,
+        pos: usize,
+        ctx: usize,
+        last: bool,
+        mut h: Hidden,
+        out: &tokio::sync::mpsc::UnboundedSender<Outgoing>,
+        s: &Settings,
+    ) {
+        loop {
+            if rank != self.rank {
+                let header = Header::Act {
+                    epoch: self.plan.epoch,
+                    req,
+                    round,
+                    pos: pos as u32,
+                    n_tokens: h.n_tokens as u32,
+                    ctx: ctx as u32,
+                    last,
+                };
+                self.send(rank, Frame::act(header, &h.data), out);
+                if s.prefetch {
+                    self.prefetch_after(round);
+                }
+                return;
+            }
+            if let Err(e) = self.run_window(req, round, pos, ctx, &mut h) {
+                return self.fail(req, e, out);
+            }
+            match self.plan.next_stage(rank, round) {
+                Some((r, k)) => {
+                    rank = r;
+                    round = k;
+                }
+                None => {
+                    // The head finished the last layer: close the ring.
+                    if last {
+                        let logits = self.windows[0].head(&h, &[h.n_tokens - 1]);
+                        if let Some(r) = self.replies.get(&req) {
+                            let _ = r.send(Ok(logits));
+                        }
+                    }
+                    if s.prefetch {
+                        self.prefetch_after(round);
+                    }
+                    return;
+                }
+            }
+        }
+    }
+
+    fn run_window(
+        &mut self,
+        req: u64,
+        round: u32,
+        pos: usize,
+        ctx: usize,
+        h: &mut Hidden,
+    ) -> Result<(), String> {
+        let n_windows = self.windows.len();
+        if !self.sessions.contains_key(&req) {
+            if pos != 0 {
+                return Err(format!(
+                    "session {req} is unknown here and its batch starts at position {pos}"
+                ));
+            }
+            let caches = self
+                .windows
+                .iter()
+                .zip(&self.ranges)
+                .map(|(m, r)| KvCache::new(&m.config, r.clone(), ctx))
+                .collect();
+            self.sessions.insert(req, caches);
+        }
+        let caches = self.sessions.get_mut(&req).expect("inserted above");
+        let r = round as usize;
+        if r >= n_windows {
+            return Err(format!("round {round} of a plan with k = {n_windows}"));
+        }
+        self.windows[r]
+            .forward_layers(self.ranges[r].clone(), h, &mut caches[r], pos)
+            .map_err(|e| format!("layers {:?}: {e}", self.ranges[r]))
+    }
+
+    /// Advises the kernel to read the window after `round` (the next round's,
+    /// or the first one's for the next token).
+    fn prefetch_after(&self, round: u32) {
+        if self.windows.len() < 2 {
+            return; // one window stays resident between tokens anyway
+        }
+        let next = (round as usize + 1) % self.windows.len();
+        prefetch_layers(&self.file, self.ranges[next].clone());
+    }
+
+    fn on_frame(
+        &mut self,
+        from: &str,
+        frame: Frame,
+        out: &tokio::sync::mpsc::UnboundedSender<Outgoing>,
+        s: &Settings,
+    ) {
+        let epoch = frame.header.epoch();
+        let req = frame.header.req();
+        if epoch != self.plan.epoch {
+            tracing::debug!(peer = %from, epoch, mine = self.plan.epoch, "frame of another plan; dropped");
+            return;
+        }
+        let prev = &self.plan.devices[self.plan.prev(self.rank)].id;
+        if let Err(e) = frame.check(self.dim()) {
+            return self.fail(req, format!("bad frame from {from}: {e}"), out);
+        }
+        match frame.header {
+            Header::Fail { msg, .. } => {
+                if self.rank == 0 {
+                    self.fail(req, msg, out);
+                }
+            }
+            _ if from != prev => {
+                tracing::warn!(peer = %from, "ring frame from a device that is not my predecessor; dropped");
+            }
+            Header::Kv { op, .. } => self.kv(req, op, out),
+            Header::Act {
+                round,
+                pos,
+                n_tokens,
+                ctx,
+                last,
+                ..
+            } => {
+                let ctx = ctx as usize;
+                let end = pos as usize + n_tokens as usize;
+                if ctx > s.max_ctx || end > ctx || round >= self.plan.k {
+                    return self.fail(
+                        req,
+                        format!(
+                            "batch out of bounds: positions {pos}..{end}, context {ctx} \
+                             (limit {}), round {round} of {}",
+                            s.max_ctx, self.plan.k
+                        ),
+                        out,
+                    );
+                }
+                let h = Hidden {
+                    data: frame.floats(),
+                    n_tokens: n_tokens as usize,
+                    dim: self.dim(),
+                };
+                // This frame is for my window of `round`: run it here.
+                self.route(req, self.rank, round, pos as usize, ctx, last, h, out, s);
+            }
+        }
+    }
+
+    fn kv(&mut self, req: u64, op: KvOp, out: &tokio::sync::mpsc::UnboundedSender<Outgoing>) {
+        match op {
+            KvOp::Drop => {
+                self.sessions.remove(&req);
+                if self.rank == 0 {
+                    self.replies.remove(&req);
+                }
+            }
+            // Positions past `from` are simply overwritten by the next
+            // batch: attention only reads positions below its own.
+            KvOp::Truncate { .. } => {}
+        }
+        let next = self.plan.next(self.rank);
+        if next != 0 {
+            let epoch = self.plan.epoch;
+            self.send(next, Frame::control(Header::Kv { epoch, req, op }), out);
+        }
+    }
+}
+
+/// WillNeed over the tensors of `layers`, page-aligned and merged.
+fn prefetch_layers(file: &Gguf, layers: Range<usize>) {
+    let mut spans: Vec<(u64, u64)> = file
+        .tensors
+        .iter()
+        .filter(|t| {
+            prima_kernels::model::names::layer_of(&t.name).is_some_and(|l| layers.contains(&l))
+        })
+        .map(|t| (t.offset, t.offset + t.size))
+        .collect();
+    spans.sort_unstable();
+    let mut merged: Vec<(u64, u64)> = Vec::new();
+    for (a, b) in spans {
+        match merged.last_mut() {
+            Some(m) if a <= m.1 + 4096 => m.1 = m.1.max(b),
+            _ => merged.push((a, b)),
+        }
+    }
+    for (a, b) in merged {
+        file.prefetch(a, b - a);
+    }
+}

@@ -1,0 +1,775 @@
+//! Pipelined-ring inference across the household's devices.
+//!
+//! * [`plan`]: the coordinator's plan and the layer-to-device mapping;
+//! * [`wire`]: frames on `/prima/ring/1` streams;
+//! * [`exec`]: the executor thread that runs this device's windows;
+//! * this module: the [`Ring`] that ties them to libp2p (one outgoing
+//!   stream per successor, incoming streams only from plan members), the
+//!   head's [`RingSession`] (an [`Evaluator`] the generation loop drives),
+//!   and `/prima/ask/1`, which carries a request from any device to the
+//!   head and the streamed answer back.
+
+pub mod exec;
+pub mod plan;
+pub mod planner;
+pub mod wire;
+
+use std::{
+    collections::HashMap,
+    path::PathBuf,
+    sync::{
+        atomic::{AtomicU64, AtomicUsize, Ordering},
+        mpsc, Arc, Mutex, OnceLock, RwLock,
+    },
+    time::{Duration, Instant},
+};
+
+use futures_util::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    StreamExt,
+};
+use libp2p::{PeerId, Stream, StreamProtocol};
+use prima_kernels::engine::Evaluator;
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
+
+use self::{
+    exec::{Input, Logits, Outgoing},
+    plan::RingPlan,
+    wire::{Frame, Header, KvOp},
+};
+use crate::worker::{Event, GenRequest};
+
+pub const RING_PROTOCOL: StreamProtocol = StreamProtocol::new("/prima/ring/1");
+pub const ASK_PROTOCOL: StreamProtocol = StreamProtocol::new("/prima/ask/1");
+/// Most tokens in one activation frame (a prefill micro-batch).
+pub const MAX_UBATCH: usize = 512;
+/// Largest `/prima/ask/1` message.
+const MAX_ASK_BYTES: usize = 1 << 20;
+
+/// A model this device can serve in a ring.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelAd {
+    pub name: String,
+    pub sha256: String,
+    pub n_layer: u32,
+}
+
+/// What a device says about itself for the ring, in every heartbeat.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RingAd {
+    /// The household's model, if this device holds it.
+    #[serde(default)]
+    pub model: Option<ModelAd>,
+    /// The plan epoch this device has loaded and is ready to run (0: none).
+    #[serde(default)]
+    pub ready: u64,
+    /// Measured profile for Halda (`primactl profile`), if any.
+    #[serde(default)]
+    pub device: Option<halda::DeviceProfile>,
+    /// The coordinator's plan (only the coordinator sends one).
+    #[serde(default)]
+    pub plan: Option<RingPlan>,
+}
+
+/// What this device last heard from a peer.
+#[derive(Debug, Clone)]
+pub struct PeerAd {
+    pub name: String,
+    pub ad: RingAd,
+    pub heard: Instant,
+}
+
+/// A plan set by hand: `k` and the windows by device name, head first.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Pin {
+    pub k: u32,
+    pub windows: Vec<(String, u32)>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "event", rename_all = "snake_case", deny_unknown_fields)]
+pub enum AskEvent {
+    Started {
+        prompt_tokens: usize,
+    },
+    Text {
+        text: String,
+    },
+    Done {
+        finish: String,
+        prompt_tokens: usize,
+        completion_tokens: usize,
+    },
+    Failed {
+        status: u16,
+        message: String,
+    },
+}
+
+/// Settings of the ring runtime.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// The model the household serves (`[model] default`).
+    pub model: String,
+    /// How long the head waits for a batch to come back round the ring.
+    pub timeout: Duration,
+    /// Prefill micro-batch size.
+    pub ubatch: usize,
+    pub max_ctx: usize,
+    pub prefetch: bool,
+}
+
+type AskHandler = dyn Fn(GenRequest) -> UnboundedReceiver<Event> + Send + Sync;
+
+/// The ring runtime of one device.
+pub struct Ring {
+    pub me: String,
+    pub settings: Settings,
+    exec: Mutex<mpsc::Sender<Input>>,
+    exec_thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// The adopted plan.
+    plan: RwLock<Option<RingPlan>>,
+    /// What this device advertises.
+    local: RwLock<RingAd>,
+    /// What the other devices advertise, by peer id.
+    pub peers: RwLock<HashMap<String, PeerAd>>,
+    /// The pinned plan (on the coordinator).
+    pub pin: RwLock<Option<Pin>>,
+    /// The model file of the plan being prepared.
+    model_path: RwLock<Option<PathBuf>>,
+    control: RwLock<Option<libp2p_stream::Control>>,
+    next_req: AtomicU64,
+    max_payload: AtomicUsize,
+    ask: OnceLock<Arc<AskHandler>>,
+    /// Liveness horizon for peers' readiness (the cluster's dead_ms).
+    pub dead_after: Duration,
+    pub stats: RingStats,
+}
+
+#[derive(Default, Serialize)]
+pub struct RingStats {
+    /// Requests this device answered as the head, through the ring.
+    pub head_requests: AtomicU64,
+    /// Requests this device passed to the head.
+    pub forwarded: AtomicU64,
+    /// Tokens that travelled the ring (batches started at the head).
+    pub batches: AtomicU64,
+}
+
+impl Ring {
+    /// Starts the executor thread and the sender task (on the current
+    /// tokio runtime).
+    pub fn start(me: String, settings: Settings, dead_after: Duration) -> Arc<Self> {
+        let (tx, rx) = mpsc::channel();
+        let (out_tx, out_rx) = tokio::sync::mpsc::unbounded_channel();
+        let es = exec::Settings {
+            max_ctx: settings.max_ctx,
+            prefetch: settings.prefetch,
+        };
+        let thread = {
+            let out = out_tx.clone();
+            std::thread::Builder::new()
+                .name("prima-ring".into())
+                .spawn(move || exec::run(rx, out, es))
+                .expect("spawning the ring thread")
+        };
+        let ring = Arc::new(Self {
+            me,
+            settings,
+            exec: Mutex::new(tx),
+            exec_thread: Mutex::new(Some(thread)),
+            plan: RwLock::new(None),
+            local: RwLock::new(RingAd::default()),
+            peers: RwLock::new(HashMap::new()),
+            pin: RwLock::new(None),
+            model_path: RwLock::new(None),
+            control: RwLock::new(None),
+            next_req: AtomicU64::new(rand::random::<u32>() as u64),
+            max_payload: AtomicUsize::new(0),
+            ask: OnceLock::new(),
+            dead_after,
+            stats: RingStats::default(),
+        });
+        tokio::spawn(sender(ring.clone(), out_rx));
+        ring
+    }
+
+    fn to_exec(&self, i: Input) {
+        let _ = self.exec.lock().expect("exec").send(i);
+    }
+
+    /// Stops the executor thread.
+    pub fn stop(&self) {
+        self.to_exec(Input::Stop);
+        if let Some(t) = self.exec_thread.lock().expect("thread").take() {
+            let _ = t.join();
+        }
+    }
+
+    /// Sets what answers `/prima/ask/1` on this device (the local worker).
+    pub fn set_ask_handler(&self, h: Arc<AskHandler>) {
+        let _ = self.ask.set(h);
+    }
+
+    /// The model this device offers to the ring, and where its file is.
+    pub fn set_model(&self, ad: Option<(ModelAd, PathBuf)>) {
+        let (ad, path) = match ad {
+            Some((a, p)) => (Some(a), Some(p)),
+            None => (None, None),
+        };
+        self.local.write().expect("local").model = ad;
+        *self.model_path.write().expect("path") = path;
+    }
+
+    /// The fraction of this device's window bytes now in memory (mincore),
+    /// per window, when it is in a plan.
+    pub fn resident(&self) -> Option<Vec<f64>> {
+        let plan = self.plan()?;
+        let rank = plan.rank_of(&self.me)?;
+        let path = self.model_file()?;
+        let file = prima_kernels::gguf::Gguf::open(path).ok()?;
+        Some(
+            plan.windows(rank)
+                .into_iter()
+                .map(|w| {
+                    let spans: Vec<(u64, u64)> = file
+                        .tensors
+                        .iter()
+                        .filter(|t| {
+                            prima_kernels::model::names::layer_of(&t.name)
+                                .is_some_and(|l| w.contains(&l))
+                        })
+                        .map(|t| (t.offset, t.size))
+                        .collect();
+                    resident_fraction(file.bytes(), &spans)
+                })
+                .collect(),
+        )
+    }
+
+    /// The model file this device offers.
+    pub fn model_file(&self) -> Option<PathBuf> {
+        self.model_path.read().expect("path").clone()
+    }
+
+    pub fn set_device_profile(&self, p: Option<halda::DeviceProfile>) {
+        self.local.write().expect("local").device = p;
+    }
+
+    /// This device's advertisement (the plan is added by the coordinator).
+    pub fn local_ad(&self) -> RingAd {
+        self.local.read().expect("local").clone()
+    }
+
+    pub fn plan(&self) -> Option<RingPlan> {
+        self.plan.read().expect("plan").clone()
+    }
+
+    /// Installs a new stream control after the network loop (re)starts and
+    /// accepts ring and ask streams on it.
+    pub fn attach(self: &Arc<Self>, mut control: libp2p_stream::Control) {
+        match control.accept(RING_PROTOCOL) {
+            Ok(incoming) => {
+                tokio::spawn(accept_ring(self.clone(), incoming));
+            }
+            Err(e) => tracing::error!(error = %e, "ring protocol"),
+        }
+        match control.accept(ASK_PROTOCOL) {
+            Ok(incoming) => {
+                tokio::spawn(accept_ask(self.clone(), incoming));
+            }
+            Err(e) => tracing::error!(error = %e, "ask protocol"),
+        }
+        *self.control.write().expect("control") = Some(control);
+    }
+
+    /// Adopts `plan` (a newer epoch): this device loads its windows and
+    /// then advertises itself ready for that epoch.
+    pub fn adopt(self: &Arc<Self>, plan: RingPlan) {
+        if let Err(e) = plan.validate() {
+            tracing::warn!(epoch = plan.epoch, error = %e, "ignoring an invalid plan");
+            return;
+        }
+        if self.plan().is_some_and(|p| p.epoch >= plan.epoch) {
+            return;
+        }
+        let rank = plan.rank_of(&self.me);
+        let path = {
+            let local = self.local.read().expect("local");
+            match (&local.model, rank) {
+                (Some(m), Some(_)) if m.sha256 == plan.sha256 => {
+                    self.model_path.read().expect("path").clone()
+                }
+                _ => None,
+            }
+        };
+        tracing::info!(
+            epoch = plan.epoch, rank = ?rank, k = plan.k,
+            windows = ?plan.devices.iter().map(|d| (d.name.as_str(), d.window)).collect::<Vec<_>>(),
+            pinned = plan.pinned, "ring plan adopted"
+        );
+        *self.plan.write().expect("plan") = Some(plan.clone());
+        let epoch = plan.epoch;
+        let me = self.clone();
+        self.to_exec(Input::Prepare {
+            plan,
+            rank,
+            path,
+            done: Box::new(move |r| match r {
+                Ok(()) => {
+                    if me.plan().is_some_and(|p| p.epoch == epoch) {
+                        me.local.write().expect("local").ready = epoch;
+                    }
+                }
+                Err(e) => tracing::error!(epoch, error = %e, "cannot take part in the ring plan"),
+            }),
+        });
+    }
+
+    /// Notes the model's width once known, for the frame size limit.
+    pub fn set_dim(&self, dim: usize) {
+        self.max_payload
+            .store(dim * MAX_UBATCH * 4, Ordering::Relaxed);
+    }
+
+    /// Whether `id` has loaded `epoch` and was heard from lately.
+    fn is_ready(&self, id: &str, epoch: u64) -> bool {
+        if id == self.me {
+            return self.local.read().expect("local").ready == epoch;
+        }
+        self.peers
+            .read()
+            .expect("peers")
+            .get(id)
+            .is_some_and(|p| p.ad.ready == epoch && p.heard.elapsed() < self.dead_after)
+    }
+
+    /// Readiness of each device of the plan, by rank.
+    pub fn readiness(&self) -> Vec<bool> {
+        match self.plan() {
+            Some(p) => p
+                .devices
+                .iter()
+                .map(|d| self.is_ready(&d.id, p.epoch))
+                .collect(),
+            None => vec![],
+        }
+    }
+
+    /// The plan, if every device of it is ready.
+    pub fn live_plan(&self) -> Option<RingPlan> {
+        let p = self.plan()?;
+        p.devices
+            .iter()
+            .all(|d| self.is_ready(&d.id, p.epoch))
+            .then_some(p)
+    }
+
+    /// Where a request for the model with `sha256` should run.
+    pub fn route(&self, sha256: &str) -> Route {
+        match self.live_plan() {
+            Some(p) if p.sha256 == sha256 => {
+                if p.devices[0].id == self.me {
+                    Route::Head(p)
+                } else {
+                    Route::Forward(p)
+                }
+            }
+            _ => Route::Local,
+        }
+    }
+
+    /// A session on the ring, driven from the head.
+    pub fn session(&self, plan: RingPlan, ctx: usize) -> RingSession<'_> {
+        let (tx, rx) = mpsc::channel();
+        RingSession {
+            ring: self,
+            req: self.next_req.fetch_add(1, Ordering::Relaxed),
+            pos: 0,
+            ctx,
+            plan,
+            tx,
+            rx,
+        }
+    }
+
+    /// Sends `req` to the head of `plan` and relays its events to `events`;
+    /// blocks the calling (worker) thread. Returns the final event.
+    pub fn forward_blocking(
+        &self,
+        handle: &tokio::runtime::Handle,
+        plan: &RingPlan,
+        req: &GenRequest,
+        events: &UnboundedSender<Event>,
+    ) -> Result<Option<AskEvent>, String> {
+        self.stats.forwarded.fetch_add(1, Ordering::Relaxed);
+        let head = plan.devices[0].clone();
+        let peer: PeerId = head
+            .id
+            .parse()
+            .map_err(|e| format!("bad head id {}: {e}", head.id))?;
+        let mut control = self
+            .control
+            .read()
+            .expect("control")
+            .clone()
+            .ok_or("the cluster is not running")?;
+        let timeout = self.settings.timeout;
+        handle.block_on(async move {
+            let mut s = tokio::time::timeout(timeout, control.open_stream(peer, ASK_PROTOCOL))
+                .await
+                .map_err(|_| format!("the head '{}' did not answer within {timeout:?}", head.name))?
+                .map_err(|e| format!("cannot reach the head '{}': {e}", head.name))?;
+            let body = serde_json::to_vec(req).map_err(|e| e.to_string())?;
+            write_msg(&mut s, &body)
+                .await
+                .map_err(|e| format!("sending to the head '{}': {e}", head.name))?;
+            loop {
+                // Each event (a token) must come within the deadline.
+                let msg = tokio::time::timeout(timeout, read_msg(&mut s))
+                    .await
+                    .map_err(|_| format!("the head '{}' went silent for {timeout:?}", head.name))?
+                    .map_err(|e| format!("from the head '{}': {e}", head.name))?;
+                let Some(msg) = msg else {
+                    return Err(format!("the head '{}' closed the answer early", head.name));
+                };
+                let ev: AskEvent = serde_json::from_slice(&msg)
+                    .map_err(|e| format!("bad answer from the head: {e}"))?;
+                let local = match &ev {
+                    AskEvent::Started { prompt_tokens } => Event::Started {
+                        prompt_tokens: *prompt_tokens,
+                    },
+                    AskEvent::Text { text } => Event::Text(text.clone()),
+                    AskEvent::Done { .. } | AskEvent::Failed { .. } => return Ok(Some(ev)),
+                };
+                if events.send(local).is_err() {
+                    return Ok(None); // our client left; dropping the stream tells the head
+                }
+            }
+        })
+    }
+}
+
+pub enum Route {
+    /// No live ring for this model: answer on this device alone.
+    Local,
+    /// This device is the head of a live ring.
+    Head(RingPlan),
+    /// Another device is the head.
+    Forward(RingPlan),
+}
+
+/// One sequence evaluated on the ring, driven by the head's generation
+/// loop. Dropping it frees the session's caches on every device.
+pub struct RingSession<'r> {
+    ring: &'r Ring,
+    req: u64,
+    pos: usize,
+    ctx: usize,
+    plan: RingPlan,
+    tx: mpsc::Sender<Logits>,
+    rx: mpsc::Receiver<Logits>,
+}
+
+impl Evaluator for RingSession<'_> {
+    type Error = String;
+
+    fn eval_last(&mut self, tokens: &[u32]) -> Result<Vec<f32>, String> {
+        if tokens.is_empty() || self.pos + tokens.len() > self.ctx {
+            return Err(format!(
+                "{} tokens at position {} do not fit a context of {}",
+                tokens.len(),
+                self.pos,
+                self.ctx
+            ));
+        }
+        let ub = self.ring.settings.ubatch.clamp(1, MAX_UBATCH);
+        let n = tokens.len().div_ceil(ub);
+        for (i, chunk) in tokens.chunks(ub).enumerate() {
+            self.ring.to_exec(Input::Submit {
+                req: self.req,
+                tokens: chunk.to_vec(),
+                pos: self.pos,
+                ctx: self.ctx,
+                last: i + 1 == n,
+                reply: self.tx.clone(),
+            });
+            self.pos += chunk.len();
+        }
+        self.ring
+            .stats
+            .batches
+            .fetch_add(n as u64, Ordering::Relaxed);
+        let wait = self.ring.settings.timeout * n as u32;
+        match self.rx.recv_timeout(wait) {
+            Ok(r) => r,
+            Err(_) => {
+                let path: Vec<&str> = self
+                    .plan
+                    .devices
+                    .iter()
+                    .map(|d| d.name.as_str())
+                    .chain([self.plan.devices[0].name.as_str()])
+                    .collect();
+                Err(format!(
+                    "no answer from the ring within {:.1} s (plan epoch {}: {}); a device or a \
+                     link on the way is not responding",
+                    wait.as_secs_f64(),
+                    self.plan.epoch,
+                    path.join(" -> ")
+                ))
+            }
+        }
+    }
+
+    fn pos(&self) -> usize {
+        self.pos
+    }
+
+    fn ctx(&self) -> usize {
+        self.ctx
+    }
+}
+
+impl Drop for RingSession<'_> {
+    fn drop(&mut self) {
+        self.ring.to_exec(Input::Kv {
+            req: self.req,
+            op: KvOp::Drop,
+        });
+    }
+}
+
+/// Writes frames to successors: one stream per peer, reopened on failure.
+/// A frame that cannot be delivered fails its session at once (the head
+/// hears why) instead of waiting for the deadline.
+async fn sender(ring: Arc<Ring>, mut rx: UnboundedReceiver<Outgoing>) {
+    let mut streams: HashMap<PeerId, Stream> = HashMap::new();
+    while let Some(o) = rx.recv().await {
+        let Ok(peer) = o.to.parse::<PeerId>() else {
+            continue;
+        };
+        let timeout = ring.settings.timeout;
+        let mut result = Err(String::new());
+        for _attempt in 0..2 {
+            if let std::collections::hash_map::Entry::Vacant(e) = streams.entry(peer) {
+                let control = ring.control.read().expect("control").clone();
+                let Some(mut control) = control else {
+                    result = Err("the cluster is not running".into());
+                    break;
+                };
+                match tokio::time::timeout(timeout, control.open_stream(peer, RING_PROTOCOL)).await
+                {
+                    Ok(Ok(s)) => {
+                        e.insert(s);
+                    }
+                    Ok(Err(err)) => {
+                        result = Err(err.to_string());
+                        continue;
+                    }
+                    Err(_) => {
+                        result = Err(format!("no stream within {timeout:?}"));
+                        continue;
+                    }
+                }
+            }
+            let s = streams.get_mut(&peer).expect("opened above");
+            match tokio::time::timeout(timeout, wire::write_frame(s, &o.frame)).await {
+                Ok(Ok(())) => {
+                    result = Ok(());
+                    break;
+                }
+                Ok(Err(e)) => result = Err(e.to_string()),
+                Err(_) => result = Err(format!("write blocked for {timeout:?}")),
+            }
+            streams.remove(&peer);
+        }
+        if let Err(e) = result {
+            let name = ring
+                .plan()
+                .and_then(|p| {
+                    p.devices
+                        .iter()
+                        .find(|d| d.id == o.to)
+                        .map(|d| d.name.clone())
+                })
+                .unwrap_or_else(|| o.to.clone());
+            tracing::warn!(device = %name, error = %e, "ring frame not delivered");
+            if let Header::Act { epoch, req, .. } | Header::Kv { epoch, req, .. } = o.frame.header {
+                ring.to_exec(Input::Frame {
+                    from: ring.me.clone(),
+                    frame: Frame::control(Header::Fail {
+                        epoch,
+                        req,
+                        msg: format!("device '{name}' cannot be reached: {e}"),
+                    }),
+                });
+            }
+        }
+    }
+}
+
+/// Takes ring streams from plan members only; reads their frames into the
+/// executor.
+async fn accept_ring(ring: Arc<Ring>, mut incoming: libp2p_stream::IncomingStreams) {
+    while let Some((peer, stream)) = incoming.next().await {
+        let id = peer.to_string();
+        if ring.plan().is_none_or(|p| p.rank_of(&id).is_none()) {
+            tracing::warn!(%peer, "refused a ring stream from a device outside the plan");
+            drop(stream);
+            continue;
+        }
+        tokio::spawn(read_ring(ring.clone(), id, stream));
+    }
+}
+
+async fn read_ring(ring: Arc<Ring>, from: String, mut stream: Stream) {
+    loop {
+        let limit = ring.max_payload.load(Ordering::Relaxed);
+        match wire::read_frame(&mut stream, limit).await {
+            Ok(Some(frame)) => ring.to_exec(Input::Frame {
+                from: from.clone(),
+                frame,
+            }),
+            Ok(None) => break,
+            Err(e) => {
+                tracing::warn!(peer = %from, error = %e, "closing a ring stream");
+                break;
+            }
+        }
+    }
+}
+
+async fn write_msg<W: futures_util::io::AsyncWrite + Unpin>(
+    w: &mut W,
+    body: &[u8],
+) -> std::io::Result<()> {
+    w.write_all(&(body.len() as u32).to_le_bytes()).await?;
+    w.write_all(body).await?;
+    w.flush().await
+}
+
+async fn read_msg<R: futures_util::io::AsyncRead + Unpin>(
+    r: &mut R,
+) -> std::io::Result<Option<Vec<u8>>> {
+    let mut len = [0u8; 4];
+    match r.read_exact(&mut len).await {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) => return Err(e),
+    }
+    let n = u32::from_le_bytes(len) as usize;
+    if n > MAX_ASK_BYTES {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("message of {n} bytes (limit {MAX_ASK_BYTES})"),
+        ));
+    }
+    let mut buf = vec![0u8; n];
+    r.read_exact(&mut buf).await?;
+    Ok(Some(buf))
+}
+
+/// Answers requests other devices pass to this head.
+async fn accept_ask(ring: Arc<Ring>, mut incoming: libp2p_stream::IncomingStreams) {
+    while let Some((peer, stream)) = incoming.next().await {
+        let Some(handler) = ring.ask.get().cloned() else {
+            continue;
+        };
+        tokio::spawn(async move {
+            if let Err(e) = serve_ask(handler, stream).await {
+                tracing::warn!(%peer, error = %e, "a forwarded request failed");
+            }
+        });
+    }
+}
+
+async fn serve_ask(handler: Arc<AskHandler>, mut s: Stream) -> std::io::Result<()> {
+    let bad = |m: String| std::io::Error::new(std::io::ErrorKind::InvalidData, m);
+    let body = tokio::time::timeout(Duration::from_secs(10), read_msg(&mut s))
+        .await
+        .map_err(|_| bad("no request within 10 s".into()))??
+        .ok_or_else(|| bad("empty request".into()))?;
+    let req: GenRequest =
+        serde_json::from_slice(&body).map_err(|e| bad(format!("bad request: {e}")))?;
+    let mut events = handler(req);
+    while let Some(ev) = events.recv().await {
+        let (msg, last) = match ev {
+            Event::Started { prompt_tokens } => (AskEvent::Started { prompt_tokens }, false),
+            Event::Text(text) => (AskEvent::Text { text }, false),
+            Event::Done {
+                finish,
+                prompt_tokens,
+                completion_tokens,
+            } => (
+                AskEvent::Done {
+                    finish: finish.to_string(),
+                    prompt_tokens,
+                    completion_tokens,
+                },
+                true,
+            ),
+            Event::Failed(e) => (
+                AskEvent::Failed {
+                    status: e.status.as_u16(),
+                    message: e.message,
+                },
+                true,
+            ),
+        };
+        // A write error means the asking device went away: dropping
+        // `events` cancels the generation.
+        write_msg(&mut s, &serde_json::to_vec(&msg).expect("events serialise")).await?;
+        if last {
+            break;
+        }
+    }
+    s.close().await
+}
+
+/// Fraction of the pages under `spans` (offset, length) of `map` that are
+/// in memory. `map` must be the start of a memory mapping (page-aligned).
+fn resident_fraction(map: &[u8], spans: &[(u64, u64)]) -> f64 {
+    #[cfg(unix)]
+    {
+        let page = 4096usize;
+        let (mut total, mut resident) = (0usize, 0usize);
+        for &(off, len) in spans {
+            let start = off as usize / page * page;
+            let end = ((off + len) as usize).min(map.len());
+            if start >= end {
+                continue;
+            }
+            let pages = (end - start).div_ceil(page);
+            let mut vec = vec![0u8; pages];
+            // SAFETY: [start, end) lies inside `map`, a live mapping whose
+            // base is page-aligned, so `start` is page-aligned; `vec` has one
+            // byte per page of the range, as mincore requires.
+            let rc = unsafe {
+                libc::mincore(
+                    map.as_ptr().add(start) as *mut libc::c_void,
+                    end - start,
+                    vec.as_mut_ptr() as *mut _,
+                )
+            };
+            if rc == 0 {
+                total += pages;
+                resident += vec.iter().filter(|&&b| b & 1 == 1).count();
+            }
+        }
+        if total == 0 {
+            0.0
+        } else {
+            resident as f64 / total as f64
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = (map, spans);
+        0.0
+    }
+}
