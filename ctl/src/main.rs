@@ -51,6 +51,10 @@ enum Command {
         /// Print the daemon's JSON.
         #[arg(long)]
         json: bool,
+        /// Also show ring traffic and how much of this device's layer
+        /// windows is in memory now.
+        #[arg(long, short)]
+        verbose: bool,
     },
     /// List, add, remove or download models.
     #[command(subcommand)]
@@ -254,7 +258,7 @@ fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Ask(a) => ask(&api, a),
         Command::Chat(a) => chat(&api, a),
-        Command::Status { json } => status(&api, json),
+        Command::Status { json, verbose } => status(&api, json, verbose),
         Command::Models(m) => models(&api, m),
         Command::Config(ConfigCmd::Validate { file }) => {
             let cfg = prima_config::Config::from_file(&file)?;
@@ -626,7 +630,7 @@ fn chat(api: &Api, a: ChatArgs) -> Result<()> {
     Ok(())
 }
 
-fn status(api: &Api, json: bool) -> Result<()> {
+fn status(api: &Api, json: bool, verbose: bool) -> Result<()> {
     let v = api.get("/api/status")?;
     if json {
         println!("{}", serde_json::to_string_pretty(&v)?);
@@ -659,7 +663,16 @@ fn status(api: &Api, json: bool) -> Result<()> {
     );
     match v["plan"]["devices"].as_array() {
         Some(devs) => {
-            println!("plan    epoch {}", v["plan"]["epoch"]);
+            println!(
+                "plan    epoch {}, k = {}, {}",
+                v["plan"]["epoch"],
+                v["plan"]["k"],
+                if v["plan"]["live"] == json!(false) {
+                    "loading"
+                } else {
+                    "live"
+                }
+            );
             for d in devs {
                 let layers: Vec<String> = d["layers"]
                     .as_array()
@@ -671,6 +684,21 @@ fn status(api: &Api, json: bool) -> Result<()> {
             }
         }
         None => println!("plan    none yet (made when a model is first used)"),
+    }
+    if verbose && !v["ring"].is_null() {
+        let r = &v["ring"];
+        println!(
+            "ring    {} answered as head, {} passed to the head, {} batches sent round",
+            r["head_requests"], r["forwarded"], r["batches"]
+        );
+        if let Some(res) = r["resident"].as_array() {
+            let parts: Vec<String> = res
+                .iter()
+                .enumerate()
+                .map(|(i, f)| format!("window {i}: {:.0}%", f.as_f64().unwrap_or(0.0) * 100.0))
+                .collect();
+            println!("        resident in memory: {}", parts.join(", "));
+        }
     }
     print_cluster(&v["cluster"]);
     let l = &v["load"];

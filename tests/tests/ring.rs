@@ -233,8 +233,17 @@ fn gemma3_through_the_ring_equals_one_device() {
     check_plan(&ds, 1, &[("dev2", 11), ("dev1", 7)], 0, &want);
 }
 
+fn pin(ds: &[NsDaemon], k: u32, plan: &[(&str, u32)]) {
+    let c = coordinator(ds);
+    let mut args: Vec<String> = vec!["plan".into(), "set".into(), "--k".into(), k.to_string()];
+    args.extend(plan.iter().map(|(n, w)| format!("{n}={w}")));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let o = ds[c].ctl(&args);
+    assert!(o.status.success(), "plan set: {o:?}");
+}
+
 #[test]
-fn a_silent_hop_fails_the_request_within_the_deadline() {
+fn replans_mid_answer_replay_and_a_silent_hop_fails_within_the_deadline() {
     let hosts = Hosts::create(3).expect("hosts");
     let ds = household(&hosts, SMOLLM2, "smollm2-135m", "");
     let want = generate(&model(SMOLLM2), QUESTION, N, true);
@@ -245,6 +254,38 @@ fn a_silent_hop_fails_the_request_within_the_deadline() {
         0,
         &want,
     );
+
+    // The plan changes twice while a long answer streams: the head replays
+    // the session on each new plan and the answer is still the greedy one.
+    let raw = "Once upon a time";
+    let want_long = generate(&model(SMOLLM2), raw, 160, false);
+    let (o, took) = std::thread::scope(|sc| {
+        let h = sc.spawn(|| {
+            let t = Instant::now();
+            (
+                ds[0].ctl(&["ask", "--raw", "-t", "0", "-n", "160", raw]),
+                t.elapsed(),
+            )
+        });
+        std::thread::sleep(Duration::from_millis(600));
+        pin(&ds, 2, &[("dev0", 4), ("dev2", 6), ("dev1", 5)]);
+        std::thread::sleep(Duration::from_millis(600));
+        pin(&ds, 1, &[("dev0", 20), ("dev1", 10)]);
+        h.join().unwrap()
+    });
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let replays = ds[0].log().matches("replaying the session").count();
+    eprintln!("long answer through two replans in {took:?}, {replays} replay(s)");
+    assert!(replays >= 1, "the plan changed under the answer");
+    assert_eq!(stdout(&o).trim_end(), want_long.trim_end());
+    check_plan(
+        &ds,
+        1,
+        &[("dev0", 10), ("dev1", 10), ("dev2", 10)],
+        0,
+        &want,
+    );
+
     // A long answer starts; then dev1 freezes mid-answer: its connections
     // stay open, it never answers again.
     let asker = std::thread::scope(|sc| {

@@ -32,8 +32,10 @@ use super::{
     wire::{Frame, Header, KvOp},
 };
 
-/// What the head's driver gets back for a batch: logits of its last token.
-pub type Logits = Result<Vec<f32>, String>;
+/// What the head's driver gets back for a batch: the session id and the
+/// logits of its last token (sessions replayed under a new id share the
+/// channel, so stale answers are told apart).
+pub type Logits = (u64, Result<Vec<f32>, String>);
 
 pub enum Input {
     /// Load this device's windows of `plan` from `path`; `done` hears the
@@ -49,13 +51,10 @@ pub enum Input {
         from: String,
         frame: Frame,
     },
-    /// Head: start a batch of a session.
+    /// Head: start a batch of a session (planned under `batch.epoch`).
     Submit {
-        req: u64,
+        batch: Batch,
         tokens: Vec<u32>,
-        pos: usize,
-        ctx: usize,
-        last: bool,
         reply: mpsc::Sender<Logits>,
     },
     /// Head: a cache command for a session (applied here, then sent round).
@@ -66,6 +65,21 @@ pub enum Input {
     Stop,
 }
 
+/// Where a batch belongs: its session, the plan epoch the session runs
+/// under, its first position, the session's context, and whether the head
+/// wants its logits.
+#[derive(Debug, Clone, Copy)]
+pub struct Batch {
+    pub req: u64,
+    pub epoch: u64,
+    pub pos: usize,
+    pub ctx: usize,
+    pub last: bool,
+}
+
+/// Why a session's batch was refused: the devices now run another layout.
+pub const REPLANNED: &str = "the ring was replanned";
+
 /// A frame to send to the device with peer id `to`.
 pub struct Outgoing {
     pub to: String,
@@ -74,6 +88,9 @@ pub struct Outgoing {
 
 struct Prepared {
     plan: RingPlan,
+    /// The first epoch of the current layout: sessions begun under any
+    /// epoch from here to `plan.epoch` run on the same windows.
+    layout_since: u64,
     rank: usize,
     file: Arc<Gguf>,
     /// One model view per round, holding that round's window.
@@ -115,6 +132,12 @@ pub fn run(
                         continue;
                     }
                 }
+                // Sessions waiting here cannot go on with these windows.
+                if let Some(p) = &mut state {
+                    for (req, r) in p.replies.drain() {
+                        let _ = r.send((req, Err(REPLANNED.into())));
+                    }
+                }
                 state = None; // unmap the old windows first
                 match (rank, path) {
                     (Some(rank), Some(path)) => match prepare(plan, rank, path) {
@@ -133,19 +156,16 @@ pub fn run(
                 None => tracing::debug!(peer = %from, "ring frame before any plan; dropped"),
             },
             Input::Submit {
-                req,
+                batch,
                 tokens,
-                pos,
-                ctx,
-                last,
                 reply,
             } => match &mut state {
-                Some(p) if p.rank == 0 => {
-                    p.replies.insert(req, reply);
-                    p.submit(req, &tokens, pos, ctx, last, &out, &settings);
+                Some(p) if p.rank == 0 && p.current(batch.epoch) => {
+                    p.replies.insert(batch.req, reply);
+                    p.submit(batch, &tokens, &out, &settings);
                 }
                 _ => {
-                    let _ = reply.send(Err("this device is not the ring's head".into()));
+                    let _ = reply.send((batch.req, Err(REPLANNED.into())));
                 }
             },
             Input::Kv { req, op } => {
@@ -195,6 +215,7 @@ fn prepare(plan: RingPlan, rank: usize, path: PathBuf) -> Result<Prepared, Strin
         "ring windows loaded"
     );
     Ok(Prepared {
+        layout_since: plan.epoch,
         plan,
         rank,
         file,
@@ -220,47 +241,54 @@ impl Prepared {
     /// Reports a failed session to the head (straight there, not round the
     /// ring, which may be what broke).
     fn fail(&mut self, req: u64, msg: String, out: &tokio::sync::mpsc::UnboundedSender<Outgoing>) {
+        let epoch = self.plan.epoch;
+        self.fail_epoch(req, epoch, msg, out)
+    }
+
+    fn fail_epoch(
+        &mut self,
+        req: u64,
+        epoch: u64,
+        msg: String,
+        out: &tokio::sync::mpsc::UnboundedSender<Outgoing>,
+    ) {
         tracing::warn!(req, error = %msg, "ring batch failed");
         self.sessions.remove(&req);
         if self.rank == 0 {
             if let Some(r) = self.replies.remove(&req) {
-                let _ = r.send(Err(msg));
+                let _ = r.send((req, Err(msg)));
             }
         } else {
-            let epoch = self.plan.epoch;
             self.send(0, Frame::control(Header::Fail { epoch, req, msg }), out);
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
+    /// Whether a session begun under `epoch` runs on these windows.
+    fn current(&self, epoch: u64) -> bool {
+        (self.layout_since..=self.plan.epoch).contains(&epoch)
+    }
+
     fn submit(
         &mut self,
-        req: u64,
+        b: Batch,
         tokens: &[u32],
-        pos: usize,
-        ctx: usize,
-        last: bool,
         out: &tokio::sync::mpsc::UnboundedSender<Outgoing>,
         s: &Settings,
     ) {
         let h = match self.windows[0].embed(tokens) {
             Ok(h) => h,
-            Err(e) => return self.fail(req, e.to_string(), out),
+            Err(e) => return self.fail(b.req, e.to_string(), out),
         };
         let (rank, round) = self.plan.first_stage();
-        self.route(req, rank, round, pos, ctx, last, h, out, s);
+        self.route(b, rank, round, h, out, s);
     }
 
     /// Runs or sends the batch for stage (rank, round).
-    #[allow(clippy::too_many_arguments)]
     fn route(
         &mut self,
-        req: u64,
+        b: Batch,
         mut rank: usize,
         mut round: u32,
-        pos: usize,
-        ctx: usize,
-        last: bool,
         mut h: Hidden,
         out: &tokio::sync::mpsc::UnboundedSender<Outgoing>,
         s: &Settings,
@@ -268,13 +296,13 @@ impl Prepared {
         loop {
             if rank != self.rank {
                 let header = Header::Act {
-                    epoch: self.plan.epoch,
-                    req,
+                    epoch: b.epoch,
+                    req: b.req,
                     round,
-                    pos: pos as u32,
+                    pos: b.pos as u32,
                     n_tokens: h.n_tokens as u32,
-                    ctx: ctx as u32,
-                    last,
+                    ctx: b.ctx as u32,
+                    last: b.last,
                 };
                 self.send(rank, Frame::act(header, &h.data), out);
                 if s.prefetch {
@@ -282,8 +310,8 @@ impl Prepared {
                 }
                 return;
             }
-            if let Err(e) = self.run_window(req, round, pos, ctx, &mut h) {
-                return self.fail(req, e, out);
+            if let Err(e) = self.run_window(b.req, round, b.pos, b.ctx, &mut h) {
+                return self.fail(b.req, e, out);
             }
             match self.plan.next_stage(rank, round) {
                 Some((r, k)) => {
@@ -292,10 +320,10 @@ impl Prepared {
                 }
                 None => {
                     // The head finished the last layer: close the ring.
-                    if last {
+                    if b.last {
                         let logits = self.windows[0].head(&h, &[h.n_tokens - 1]);
-                        if let Some(r) = self.replies.get(&req) {
-                            let _ = r.send(Ok(logits));
+                        if let Some(r) = self.replies.get(&b.req) {
+                            let _ = r.send((b.req, Ok(logits)));
                         }
                     }
                     if s.prefetch {
@@ -359,8 +387,12 @@ impl Prepared {
     ) {
         let epoch = frame.header.epoch();
         let req = frame.header.req();
-        if epoch != self.plan.epoch {
-            tracing::debug!(peer = %from, epoch, mine = self.plan.epoch, "frame of another plan; dropped");
+        if !self.current(epoch) {
+            tracing::debug!(peer = %from, epoch, mine = self.plan.epoch, "frame of another plan");
+            if matches!(frame.header, Header::Act { .. }) {
+                // The head hears it at once and replays on the new plan.
+                self.fail_epoch(req, epoch, REPLANNED.into(), out);
+            }
             return;
         }
         let prev = &self.plan.devices[self.plan.prev(self.rank)].id;
@@ -403,8 +435,15 @@ impl Prepared {
                     n_tokens: n_tokens as usize,
                     dim: self.dim(),
                 };
+                let b = Batch {
+                    req,
+                    epoch,
+                    pos: pos as usize,
+                    ctx,
+                    last,
+                };
                 // This frame is for my window of `round`: run it here.
-                self.route(req, self.rank, round, pos as usize, ctx, last, h, out, s);
+                self.route(b, self.rank, round, h, out, s);
             }
         }
     }

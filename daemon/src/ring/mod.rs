@@ -392,6 +392,8 @@ impl Ring {
             pos: 0,
             ctx,
             plan,
+            history: Vec::new(),
+            replays: 0,
             tx,
             rx,
         }
@@ -465,49 +467,115 @@ pub enum Route {
 
 /// One sequence evaluated on the ring, driven by the head's generation
 /// loop. Dropping it frees the session's caches on every device.
+///
+/// When the coordinator replans while a session runs (a device came or
+/// went, a profile changed), the devices load other windows and the
+/// session's KV caches are gone. The session then replays: it evaluates the
+/// tokens it has seen so far on the new plan, under a new id, and goes on;
+/// the caller sees the same logits, only later.
 pub struct RingSession<'r> {
     ring: &'r Ring,
     req: u64,
     pos: usize,
     ctx: usize,
     plan: RingPlan,
+    /// Tokens evaluated so far (what a replay feeds again).
+    history: Vec<u32>,
+    replays: u32,
     tx: mpsc::Sender<Logits>,
     rx: mpsc::Receiver<Logits>,
 }
 
-impl Evaluator for RingSession<'_> {
-    type Error = String;
+/// Most replays of one session before giving up.
+const MAX_REPLAYS: u32 = 3;
 
-    fn eval_last(&mut self, tokens: &[u32]) -> Result<Vec<f32>, String> {
-        if tokens.is_empty() || self.pos + tokens.len() > self.ctx {
+impl RingSession<'_> {
+    /// A newer live plan than this session's, if one is live now or
+    /// becomes live within `wait`.
+    fn newer_plan(&self, wait: Duration) -> Option<RingPlan> {
+        let t = Instant::now();
+        loop {
+            if let Some(p) = self.ring.live_plan() {
+                if p.epoch > self.plan.epoch && p.sha256 == self.plan.sha256 {
+                    return Some(p);
+                }
+            }
+            if t.elapsed() >= wait {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Moves the session onto `plan`: a new id, position 0.
+    fn rebase(&mut self, plan: RingPlan) -> Result<(), String> {
+        if plan.devices[0].id != self.ring.me {
             return Err(format!(
-                "{} tokens at position {} do not fit a context of {}",
-                tokens.len(),
-                self.pos,
-                self.ctx
+                "the ring was replanned mid-answer and '{}' is its head now; ask again",
+                plan.devices[0].name
             ));
         }
+        self.ring.to_exec(Input::Kv {
+            req: self.req,
+            op: KvOp::Drop,
+        });
+        tracing::info!(
+            from = self.plan.epoch,
+            to = plan.epoch,
+            tokens = self.history.len(),
+            "ring replanned mid-answer: replaying the session on the new plan"
+        );
+        self.req = self.ring.next_req.fetch_add(1, Ordering::Relaxed);
+        self.pos = 0;
+        self.plan = plan;
+        self.replays += 1;
+        Ok(())
+    }
+
+    /// Evaluates `tokens` at the current position, once.
+    fn try_eval(&mut self, tokens: &[u32]) -> Result<Vec<f32>, String> {
         let ub = self.ring.settings.ubatch.clamp(1, MAX_UBATCH);
         let n = tokens.len().div_ceil(ub);
+        let start = self.pos;
         for (i, chunk) in tokens.chunks(ub).enumerate() {
             self.ring.to_exec(Input::Submit {
-                req: self.req,
+                batch: exec::Batch {
+                    req: self.req,
+                    epoch: self.plan.epoch,
+                    pos: self.pos,
+                    ctx: self.ctx,
+                    last: i + 1 == n,
+                },
                 tokens: chunk.to_vec(),
-                pos: self.pos,
-                ctx: self.ctx,
-                last: i + 1 == n,
                 reply: self.tx.clone(),
             });
             self.pos += chunk.len();
         }
+        // Until the answer comes, the caches hold nothing reliable past
+        // `start` (a failed batch leaves the position there).
+        let restore = |s: &mut Self| s.pos = start;
         self.ring
             .stats
             .batches
             .fetch_add(n as u64, Ordering::Relaxed);
         let wait = self.ring.settings.timeout * n as u32;
-        match self.rx.recv_timeout(wait) {
-            Ok(r) => r,
+        let deadline = Instant::now() + wait;
+        let got = loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.rx.recv_timeout(left) {
+                Ok((req, r)) if req == self.req => break Ok(r),
+                Ok(_) => continue, // an answer for an abandoned attempt
+                Err(e) => break Err(e),
+            }
+        };
+        match got {
+            Ok(Ok(l)) => Ok(l),
+            Ok(Err(e)) => {
+                restore(self);
+                Err(e)
+            }
             Err(_) => {
+                restore(self);
                 let path: Vec<&str> = self
                     .plan
                     .devices
@@ -525,9 +593,56 @@ impl Evaluator for RingSession<'_> {
             }
         }
     }
+}
+
+impl Evaluator for RingSession<'_> {
+    type Error = String;
+
+    fn eval_last(&mut self, tokens: &[u32]) -> Result<Vec<f32>, String> {
+        if tokens.is_empty() || self.history.len() + tokens.len() > self.ctx {
+            return Err(format!(
+                "{} tokens at position {} do not fit a context of {}",
+                tokens.len(),
+                self.history.len(),
+                self.ctx
+            ));
+        }
+        // A newer plan with other windows: move before sending anything.
+        if let Some(p) = self.ring.live_plan() {
+            if p.epoch > self.plan.epoch && !p.same_layout(&self.plan) {
+                self.rebase(p)?;
+            }
+        }
+        loop {
+            let mut feed = self.history[self.pos..].to_vec();
+            feed.extend_from_slice(tokens);
+            match self.try_eval(&feed) {
+                Ok(l) => {
+                    self.history.extend_from_slice(tokens);
+                    return Ok(l);
+                }
+                Err(e) => {
+                    if self.replays >= MAX_REPLAYS {
+                        return Err(e);
+                    }
+                    // Replanned (or a device went away and the coordinator
+                    // is replanning): wait for the new plan and replay.
+                    let wait = if e == exec::REPLANNED {
+                        self.ring.settings.timeout
+                    } else {
+                        Duration::from_millis(200)
+                    };
+                    match self.newer_plan(wait) {
+                        Some(p) => self.rebase(p)?,
+                        None => return Err(e),
+                    }
+                }
+            }
+        }
+    }
 
     fn pos(&self) -> usize {
-        self.pos
+        self.history.len()
     }
 
     fn ctx(&self) -> usize {
