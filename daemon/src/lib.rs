@@ -11,4 +11,5 @@ pub mod profiler;
 pub mod ring;
 pub mod serve;
 pub mod store;
+pub mod synth;
 pub mod worker;

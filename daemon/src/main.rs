@@ -67,6 +67,10 @@ enum Command {
     Plan(PlanArgs),
     /// Measure this device for Halda (CPU per weight type, memory, disk).
     Profile(ProfileArgs),
+    /// Write a synthetic llama-family GGUF (random weights, a real
+    /// tokenizer) of a chosen shape and quantisation, to test big-model
+    /// behaviour without downloads. llama.cpp loads these files too.
+    Synth(SynthArgs),
     /// Test aid: act as this (stopped) device and send malformed gossip.
     #[command(hide = true)]
     DebugHostileGossip {
@@ -97,6 +101,40 @@ struct BenchArgs {
     /// Print JSON instead of text.
     #[arg(long)]
     json: bool,
+}
+
+#[derive(Args)]
+struct SynthArgs {
+    /// Shape: tiny, 1b, 3b (= ref, the reference's bigger-than-memory
+    /// model: 28 layers, d_model 3072, d_ff 8192, 24/8 heads) or 8b.
+    #[arg(long, default_value = "ref")]
+    shape: String,
+    /// Override the number of layers.
+    #[arg(long)]
+    layers: Option<u64>,
+    /// Override d_model.
+    #[arg(long)]
+    embd: Option<u64>,
+    /// Override d_ff.
+    #[arg(long)]
+    ff: Option<u64>,
+    /// Weight type of the layers: q4_0, q8_0, q4_k or f16 (embedding and
+    /// output are q8_0, or f16 for f16).
+    #[arg(long, default_value = "q4_0")]
+    quant: String,
+    /// Copy the tokenizer (and chat template) from this GGUF; default:
+    /// SmolLM2 from the model cache (scripts/fetch-models smollm2).
+    #[arg(long, value_name = "PATH")]
+    tokenizer_from: Option<PathBuf>,
+    /// Random seed for the weights (same seed, same file).
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Where to write the model.
+    #[arg(long, short = 'o', value_name = "PATH")]
+    out: PathBuf,
+    /// Overwrite an existing file.
+    #[arg(long)]
+    force: bool,
 }
 
 #[derive(Args)]
@@ -297,6 +335,7 @@ fn tool(c: Command) -> Result<()> {
         Command::Bench(a) => bench(a),
         Command::Plan(a) => plan(a),
         Command::Profile(a) => profile(a),
+        Command::Synth(a) => synth(a),
     }
 }
 
@@ -716,5 +755,59 @@ fn bench(a: BenchArgs) -> Result<()> {
             );
         }
     }
+    Ok(())
+}
+
+fn synth(a: SynthArgs) -> Result<()> {
+    let mut shape = primad::synth::Shape::named(&a.shape)
+        .ok_or_else(|| anyhow::anyhow!("unknown shape '{}' (tiny, 1b, 3b, ref, 8b)", a.shape))?;
+    if let Some(l) = a.layers {
+        shape.n_layer = l;
+    }
+    if let Some(e) = a.embd {
+        shape.n_embd = e;
+    }
+    if let Some(f) = a.ff {
+        shape.n_ff = f;
+    }
+    let quant = primad::synth::parse_quant(&a.quant)?;
+    if a.out.exists() && !a.force {
+        anyhow::bail!("{} exists (pass --force to overwrite)", a.out.display());
+    }
+    let src = match a.tokenizer_from {
+        Some(p) => p,
+        None => prima_kernels::models_dir()
+            .context("no model cache (set PRIMA_MODELS or HOME)")?
+            .join("SmolLM2-135M-Instruct.Q4_1.gguf"),
+    };
+    let tok = prima_kernels::gguf::Gguf::open(&src).with_context(|| {
+        format!(
+            "reading the tokenizer source {} (fetch it with scripts/fetch-models smollm2, or pass --tokenizer-from)",
+            src.display()
+        )
+    })?;
+    let w = primad::synth::plan(shape, quant, &tok)?;
+    let total = w.file_size();
+    eprintln!(
+        "writing {}: {} layers, d_model {}, d_ff {}, {}/{} heads, {}, {:.2} GB",
+        a.out.display(),
+        shape.n_layer,
+        shape.n_embd,
+        shape.n_ff,
+        shape.n_head,
+        shape.n_head_kv,
+        quant.name(),
+        total as f64 / 1e9
+    );
+    let bar = indicatif::ProgressBar::new(total);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{bar:40} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+        )
+        .expect("template"),
+    );
+    primad::synth::write(&w, &a.out, a.seed, |n| bar.set_position(n))?;
+    bar.finish_and_clear();
+    println!("{}", a.out.display());
     Ok(())
 }

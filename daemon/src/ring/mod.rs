@@ -664,9 +664,47 @@ impl Drop for RingSession<'_> {
 /// hears why) instead of waiting for the deadline.
 async fn sender(ring: Arc<Ring>, mut rx: UnboundedReceiver<Outgoing>) {
     let mut streams: HashMap<PeerId, Stream> = HashMap::new();
-    while let Some(o) = rx.recv().await {
+    // Test aid: a one-way delay per hop, to emulate slow links (benchmarks).
+    let delay = std::env::var("PRIMA_DEBUG_HOP_DELAY_MS")
+        .ok()
+        .and_then(|v| v.parse::<f64>().ok())
+        .map(|ms| Duration::from_secs_f64(ms.max(0.0) / 1e3))
+        .unwrap_or_default();
+    if delay.is_zero() {
+        // No timer on the normal path: tokio's timers round up to the next
+        // millisecond, which would add up to 1 ms per hop.
+        while let Some(o) = rx.recv().await {
+            deliver(&ring, &mut streams, o).await;
+        }
+        return;
+    }
+    let mut pending: std::collections::VecDeque<(tokio::time::Instant, Outgoing)> =
+        Default::default();
+    loop {
+        let due = pending.front().map(|(t, _)| *t);
+        tokio::select! {
+            m = rx.recv() => match m {
+                Some(o) => pending.push_back((tokio::time::Instant::now() + delay, o)),
+                None => break,
+            },
+            _ = async {
+                match due {
+                    Some(t) => tokio::time::sleep_until(t).await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                if let Some((_, o)) = pending.pop_front() {
+                    deliver(&ring, &mut streams, o).await;
+                }
+            }
+        }
+    }
+}
+
+async fn deliver(ring: &Arc<Ring>, streams: &mut HashMap<PeerId, Stream>, o: Outgoing) {
+    {
         let Ok(peer) = o.to.parse::<PeerId>() else {
-            continue;
+            return;
         };
         let timeout = ring.settings.timeout;
         let mut result = Err(String::new());

@@ -8,6 +8,7 @@
 
 mod mmap;
 mod value;
+pub mod write;
 
 use std::{collections::HashMap, fmt, path::Path, sync::Arc};
 

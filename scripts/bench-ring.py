@@ -1,0 +1,272 @@
+#!/usr/bin/env python3
+"""Ring benchmarks: three real primad processes, each in its own network
+namespace on a private bridge (veth, real mDNS, real libp2p), measured side
+by side in one run. Prints every figure and ratio; it is not a test.
+
+Needs root (namespaces, cgroups) and the release binaries:
+
+    cargo build --release -p primad -p primactl
+    python3 scripts/bench-ring.py overhead     # 1: ring TPOT/prefill vs the same model on one device
+    python3 scripts/bench-ring.py hetero       # 3: one CPU-throttled device: Halda vs a memory-proportional split
+    python3 scripts/bench-ring.py links        # 4: TPOT vs link RTT (tbf rate limit + injected per-hop delay)
+    python3 scripts/bench-ring.py all
+
+Each configuration is measured in alternating rounds (A B A B ...) through
+`primactl bench` on the head (time to first token, decode tokens/s; median
+of --requests requests per round), and the medians over rounds are compared.
+"""
+import argparse, json, os, shutil, statistics, subprocess, sys, tempfile, time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = ROOT / "target/release"
+MODELS = Path(os.environ.get("PRIMA_MODELS", Path.home() / ".cache/prima/models"))
+SMOLLM2 = MODELS / "SmolLM2-135M-Instruct.Q4_1.gguf"
+LONG_PROMPT = ("Households own many devices: laptops, desktops, phones and small boxes. " * 12).strip()
+
+
+def sh(*args, check=True, **kw):
+    return subprocess.run([str(a) for a in args], check=check, capture_output=True, text=True, **kw)
+
+
+class Household:
+    """Three (or n) primad in namespaces; torn down on exit."""
+
+    def __init__(self, n=3, extra="", env=None):
+        self.tag = f"pb{os.getpid() % 100000}"
+        self.n = n
+        self.work = Path(tempfile.mkdtemp(prefix="prima-bench-"))
+        self.procs = []
+        self.cgroups = []
+        sh("ip", "netns", "add", f"{self.tag}-br")
+        sh("ip", "-n", f"{self.tag}-br", "link", "set", "lo", "up")
+        sh("ip", "-n", f"{self.tag}-br", "link", "add", "br0", "type", "bridge")
+        sh("ip", "-n", f"{self.tag}-br", "link", "set", "br0", "up")
+        for i in range(n):
+            ns = f"{self.tag}-{i}"
+            sh("ip", "netns", "add", ns)
+            sh("ip", "-n", ns, "link", "set", "lo", "up")
+            sh("ip", "-n", ns, "link", "add", "eth0", "type", "veth", "peer", "name", f"vb{i}", "netns", f"{self.tag}-br")
+            sh("ip", "-n", ns, "addr", "add", f"10.79.0.{i + 1}/24", "dev", "eth0")
+            sh("ip", "-n", ns, "link", "set", "eth0", "up", "multicast", "on")
+            sh("ip", "-n", f"{self.tag}-br", "link", "set", f"vb{i}", "master", "br0")
+            sh("ip", "-n", f"{self.tag}-br", "link", "set", f"vb{i}", "up")
+        for i in range(n):
+            d = self.work / f"dev{i}"
+            d.mkdir()
+            (d / "primad.toml").write_text(
+                f'[node]\nname = "dev{i}"\n[cluster]\nopen_household = true\n'
+                f'[ring]\ntimeout_ms = 30000\n{extra}\n')
+            e = dict(os.environ, RUST_LOG="info,sled=warn,libp2p=warn,mdns_sd=warn", **(env or {}))
+            log = open(d / "primad.log", "w")
+            p = subprocess.Popen(["ip", "netns", "exec", f"{self.tag}-{i}", str(BIN / "primad"),
+                                  "--config", str(d / "primad.toml"), "--state-dir", str(d / "state"),
+                                  "--api-addr", "127.0.0.1:7340"], stdout=log, stderr=log, env=e)
+            self.procs.append(p)
+        for i in range(n):
+            for _ in range(200):
+                if self.ctl(i, "status", "--json", check=False).returncode == 0:
+                    break
+                time.sleep(0.05)
+
+    def ctl(self, i, *args, check=True):
+        return sh("ip", "netns", "exec", f"{self.tag}-{i}", BIN / "primactl", *args, check=check)
+
+    def status(self, i):
+        return json.loads(self.ctl(i, "status", "--json").stdout)
+
+    def add_model(self, path, name="smollm2-135m"):
+        for i in range(self.n):
+            self.ctl(i, "models", "add", path, "--name", name)
+
+    def coordinator(self):
+        c = self.status(0)["cluster"]["coordinator"]
+        return next(i for i in range(self.n) if self.status(i)["node"]["id"] == c)
+
+    def wait_household(self, timeout=30):
+        t = time.time()
+        while time.time() - t < timeout:
+            alive = [sum(d["state"] == "alive" for d in self.status(i)["cluster"]["devices"]) for i in range(self.n)]
+            if all(a == self.n for a in alive):
+                return
+            time.sleep(0.1)
+        raise SystemExit(f"no household of {self.n}")
+
+    def pin(self, k, windows):
+        args = ["plan", "set", "--k", str(k)] + [f"{n}={w}" for n, w in windows]
+        for _ in range(50):
+            r = self.ctl(self.coordinator(), *args, check=False)
+            if r.returncode == 0:
+                break
+            time.sleep(0.2)
+        else:
+            raise SystemExit(f"pin failed: {r.stderr}")
+        return self.wait_live(lambda p: p["pinned"] and [(d["node"], d["window"]) for d in p["devices"]] == [
+            (n, w) for n, w in windows])
+
+    def unpin(self):
+        self.ctl(self.coordinator(), "plan", "clear")
+        return self.wait_live(lambda p: not p["pinned"])
+
+    def wait_live(self, f, timeout=60):
+        t = time.time()
+        while time.time() - t < timeout:
+            plans = [self.status(i)["plan"] for i in range(self.n)]
+            if all(p and p.get("live") and p["epoch"] == plans[0]["epoch"] and f(p) for p in plans):
+                return plans[0]
+            time.sleep(0.1)
+        raise SystemExit(f"no live plan: {plans}")
+
+    def bench(self, on, requests, tokens, prompt):
+        r = self.ctl(on, "bench", "--json", "--requests", str(requests), "--max-tokens", str(tokens),
+                     "--prompt", prompt)
+        return json.loads(r.stdout.strip().splitlines()[-1])
+
+    def throttle(self, i, cores):
+        """Puts device i's daemon in a cgroup v1 CPU quota of `cores`."""
+        cg = Path(f"/sys/fs/cgroup/cpu/{self.tag}-{i}")
+        cg.mkdir(exist_ok=True)
+        (cg / "cpu.cfs_period_us").write_text("100000")
+        (cg / "cpu.cfs_quota_us").write_text(str(int(100000 * cores)))
+        pid = self.procs[i].pid
+        # The daemon is the child of `ip netns exec` (which execs it).
+        (cg / "cgroup.procs").write_text(str(pid))
+        for t in Path(f"/proc/{pid}/task").iterdir():
+            try:
+                (cg / "tasks").write_text(t.name)
+            except OSError:
+                pass
+        self.cgroups.append(cg)
+
+    def shape_links(self, rate_mbit):
+        for i in range(self.n):
+            sh("ip", "netns", "exec", f"{self.tag}-{i}", "tc", "qdisc", "replace", "dev", "eth0", "root", "tbf",
+               "rate", f"{rate_mbit}mbit", "burst", "64kb", "latency", "50ms")
+
+    def close(self):
+        for p in self.procs:
+            p.terminate()
+        for p in self.procs:
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        for cg in self.cgroups:
+            try:
+                cg.rmdir()
+            except OSError:
+                pass
+        for i in range(self.n):
+            sh("ip", "netns", "del", f"{self.tag}-{i}", check=False)
+        sh("ip", "netns", "del", f"{self.tag}-br", check=False)
+        shutil.rmtree(self.work, ignore_errors=True)
+
+
+def alternate(h, configs, rounds, requests, tokens, prompt, on=0):
+    """configs: name -> callable that makes that configuration live.
+    Returns name -> {"ttft": [...], "tps": [...]}."""
+    res = {n: {"ttft": [], "tps": []} for n in configs}
+    for r in range(rounds):
+        for name, setup in configs.items():
+            setup()
+            b = h.bench(on, requests, tokens, prompt)
+            res[name]["ttft"].append(b["ttft_ms_median"])
+            res[name]["tps"].append(b["decode_tok_s_median"])
+            print(f"  round {r + 1} {name:<28} TTFT {b['ttft_ms_median']:7.1f} ms   "
+                  f"decode {b['decode_tok_s_median']:6.1f} tok/s  (TPOT {1000 / b['decode_tok_s_median']:6.2f} ms)",
+                  flush=True)
+    return res
+
+
+def summary(res, base):
+    med = {n: (statistics.median(v["ttft"]), 1000 / statistics.median(v["tps"])) for n, v in res.items()}
+    b_ttft, b_tpot = med[base]
+    for n, (ttft, tpot) in med.items():
+        print(f"  {n:<28} TTFT {ttft:7.1f} ms ({ttft / b_ttft:4.2f}x)   TPOT {tpot:6.2f} ms ({tpot / b_tpot:4.2f}x {base})")
+    return med
+
+
+def overhead(a):
+    print("== 1. ring overhead: SmolLM2, 3 devices in namespaces vs one device (same daemons) ==")
+    h = Household()
+    try:
+        h.wait_household()
+        h.add_model(SMOLLM2)
+        cfg = {
+            "one device (dev0: 30)": lambda: h.pin(1, [("dev0", 30)]),
+            "ring k=1 (10/10/10)": lambda: h.pin(1, [("dev0", 10), ("dev1", 10), ("dev2", 10)]),
+            "ring k=2 (5/5/5)": lambda: h.pin(2, [("dev0", 5), ("dev1", 5), ("dev2", 5)]),
+        }
+        res = alternate(h, cfg, a.rounds, a.requests, a.tokens, LONG_PROMPT)
+        summary(res, "one device (dev0: 30)")
+    finally:
+        h.close()
+
+
+def hetero(a):
+    print("== 3. heterogeneity: dev2 throttled to 0.25 core; Halda (measured profiles) vs memory-proportional ==")
+    h = Household(extra="auto_profile = true")
+    try:
+        h.wait_household()
+        h.throttle(2, 0.25)
+        h.add_model(SMOLLM2)
+        for i in range(h.n):
+            p = json.loads(h.ctl(i, "profile", "--json").stdout)["profile"]
+            print(f"  dev{i} measured: " + ", ".join(f"{k} {v:.1f} GFLOPS" for k, v in p["cpu"]["flops"].items()))
+        time.sleep(1.5)  # the coordinator replans once the measured profiles arrive
+        plan = h.unpin()
+        print("  Halda's plan: k=%d %s, predicted %.1f ms/token; left out: %s" % (
+            plan["k"], [(d["node"], d["window"]) for d in plan["devices"]], plan["tpot_ms"] or 0,
+            [(d["name"], d["why"]) for d in plan["dropped"]]))
+        cfg = {
+            "Halda": lambda: h.unpin(),
+            "proportional (10/10/10)": lambda: h.pin(1, [("dev0", 10), ("dev1", 10), ("dev2", 10)]),
+        }
+        res = alternate(h, cfg, a.rounds, a.requests, a.tokens, LONG_PROMPT)
+        med = summary(res, "proportional (10/10/10)")
+        print(f"  Halda is {med['proportional (10/10/10)'][1] / med['Halda'][1]:.2f}x faster per token")
+    finally:
+        h.close()
+
+
+def links(a):
+    print("== 4. Wi-Fi-like links: tbf 100 Mbit/s plus an injected one-way delay per ring hop ==")
+    rows = []
+    for delay in [0, 1, 2.5, 5]:
+        h = Household(env={"PRIMA_DEBUG_HOP_DELAY_MS": str(delay)})
+        try:
+            h.wait_household()
+            h.shape_links(100)
+            h.add_model(SMOLLM2)
+            cfg = {
+                "ring k=1 (10/10/10)": lambda: h.pin(1, [("dev0", 10), ("dev1", 10), ("dev2", 10)]),
+                "one device": lambda: h.pin(1, [("dev0", 30)]),
+            }
+            print(f" link RTT +{2 * delay} ms (one-way {delay} ms per hop)")
+            res = alternate(h, cfg, a.rounds, a.requests, a.tokens, LONG_PROMPT)
+            med = summary(res, "one device")
+            rows.append((2 * delay, med["ring k=1 (10/10/10)"][1], med["one device"][1]))
+        finally:
+            h.close()
+    print("  RTT added (ms)   ring TPOT (ms)   one device (ms)   ratio")
+    for rtt, ring, one in rows:
+        print(f"  {rtt:14.1f}   {ring:14.2f}   {one:15.2f}   {ring / one:5.2f}")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("which", choices=["overhead", "hetero", "links", "all"])
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--requests", type=int, default=3)
+    ap.add_argument("--tokens", type=int, default=64)
+    a = ap.parse_args()
+    if os.geteuid() != 0:
+        raise SystemExit("bench-ring needs root (network namespaces, cgroups)")
+    if not SMOLLM2.is_file():
+        raise SystemExit(f"{SMOLLM2} missing: run scripts/fetch-models smollm2")
+    for w in (["overhead", "hetero", "links"] if a.which == "all" else [a.which]):
+        {"overhead": overhead, "hetero": hetero, "links": links}[w](a)
+
+
+if __name__ == "__main__":
+    main()
