@@ -314,3 +314,49 @@ fn replans_mid_answer_replay_and_a_silent_hop_fails_within_the_deadline() {
     // never a hang.
     assert!(took < Duration::from_secs(9), "took {took:?}");
 }
+
+#[test]
+fn a_device_killed_mid_answer_is_planned_around_and_the_answer_completes() {
+    let hosts = Hosts::create(3).expect("hosts");
+    let mut ds = household(&hosts, SMOLLM2, "smollm2-135m", "use_all_devices = true\n");
+    // (mut: the victim is reaped at the end)
+    let p = wait_live(&ds, "Halda's, all three", |p| {
+        p["pinned"] == false && p["devices"].as_array().unwrap().len() == 3
+    });
+    let names: Vec<String> = windows(&p).into_iter().map(|(n, _)| n).collect();
+    let idx = |name: &str| {
+        ds.iter()
+            .position(|d| status(d)["node"]["name"] == name)
+            .unwrap()
+    };
+    let head = idx(&names[0]);
+    let victim = idx(&names[1]);
+    eprintln!("plan {:?}; killing {} mid-answer", windows(&p), names[1]);
+    let raw = "Once upon a time";
+    let want = generate(&model(SMOLLM2), raw, 200, false);
+    let (o, took) = std::thread::scope(|sc| {
+        let asker = &ds[head];
+        let h = sc.spawn(move || {
+            let t = Instant::now();
+            (
+                asker.ctl(&["ask", "--raw", "-t", "0", "-n", "200", raw]),
+                t.elapsed(),
+            )
+        });
+        std::thread::sleep(Duration::from_millis(800));
+        ds[victim].signal("KILL");
+        h.join().unwrap()
+    });
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "the answer survives: {err}");
+    assert_eq!(stdout(&o).trim_end(), want.trim_end());
+    let log = ds[head].log();
+    assert!(log.contains("replaying the session"), "the head replayed");
+    let p2 = status(&ds[head])["plan"].clone();
+    eprintln!(
+        "answer of 200 tokens completed in {took:?} around the dead device; plan now {:?}",
+        windows(&p2)
+    );
+    assert_eq!(p2["devices"].as_array().unwrap().len(), 2);
+    ds[victim].kill9();
+}

@@ -627,10 +627,16 @@ impl Evaluator for RingSession<'_> {
                     }
                     // Replanned (or a device went away and the coordinator
                     // is replanning): wait for the new plan and replay.
+                    // A device that stopped answering is declared dead
+                    // after `dead_after`; the coordinator then plans
+                    // without it. A pinned plan is not replanned around a
+                    // silent device: fail now.
                     let wait = if e == exec::REPLANNED {
                         self.ring.settings.timeout
-                    } else {
+                    } else if self.plan.pinned {
                         Duration::from_millis(200)
+                    } else {
+                        self.ring.dead_after * 2 + Duration::from_secs(2)
                     };
                     match self.newer_plan(wait) {
                         Some(p) => self.rebase(p)?,
