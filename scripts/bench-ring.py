@@ -9,6 +9,8 @@ Needs root (namespaces, cgroups) and the release binaries:
     python3 scripts/bench-ring.py overhead     # 1: ring TPOT/prefill vs the same model on one device
     python3 scripts/bench-ring.py hetero       # 3: one CPU-throttled device: Halda vs a memory-proportional split
     python3 scripts/bench-ring.py links        # 4: TPOT vs link RTT (tbf rate limit + injected per-hop delay)
+    python3 scripts/bench-ring.py bigger       # 2: a model 3x a device's memory limit: prima's ring vs llama.cpp
+                                               #    (needs scripts/llama-venv; run it with that venv's python)
     python3 scripts/bench-ring.py all
 
 Each configuration is measured in alternating rounds (A B A B ...) through
@@ -32,7 +34,7 @@ def sh(*args, check=True, **kw):
 class Household:
     """Three (or n) primad in namespaces; torn down on exit."""
 
-    def __init__(self, n=3, extra="", env=None):
+    def __init__(self, n=3, extra="", env=None, memory_limit=None):
         self.tag = f"pb{os.getpid() % 100000}"
         self.n = n
         self.work = Path(tempfile.mkdtemp(prefix="prima-bench-"))
@@ -59,9 +61,15 @@ class Household:
                 f'[ring]\ntimeout_ms = 30000\n{extra}\n')
             e = dict(os.environ, RUST_LOG="info,sled=warn,libp2p=warn,mdns_sd=warn", **(env or {}))
             log = open(d / "primad.log", "w")
-            p = subprocess.Popen(["ip", "netns", "exec", f"{self.tag}-{i}", str(BIN / "primad"),
-                                  "--config", str(d / "primad.toml"), "--state-dir", str(d / "state"),
-                                  "--api-addr", "127.0.0.1:7340"], stdout=log, stderr=log, env=e)
+            cmd = ["ip", "netns", "exec", f"{self.tag}-{i}", str(BIN / "primad"),
+                   "--config", str(d / "primad.toml"), "--state-dir", str(d / "state"),
+                   "--api-addr", "127.0.0.1:7340"]
+            if memory_limit:
+                # A low-RAM device: the daemon starts inside a memory cgroup.
+                cg = memory_cgroup(f"{self.tag}-mem{i}", memory_limit)
+                self.cgroups.append(cg)
+                cmd = ["sh", "-c", f'echo $$ > {cg}/cgroup.procs && exec "$@"', "sh"] + cmd
+            p = subprocess.Popen(cmd, stdout=log, stderr=log, env=e)
             self.procs.append(p)
         for i in range(n):
             for _ in range(200):
@@ -162,6 +170,67 @@ class Household:
         shutil.rmtree(self.work, ignore_errors=True)
 
 
+def memory_cgroup(name, limit):
+    cg = Path("/sys/fs/cgroup/memory") / name
+    cg.mkdir(exist_ok=True)
+    (cg / "memory.limit_in_bytes").write_text(str(limit))
+    return cg
+
+
+def cgroup_report(cg):
+    stat = {}
+    for line in (cg / "memory.oom_control").read_text().splitlines():
+        k, v = line.split()
+        stat[k] = int(v)
+    return {"peak_mb": int((cg / "memory.max_usage_in_bytes").read_text()) / 2**20,
+            "failcnt": int((cg / "memory.failcnt").read_text()), "oom_kill": stat.get("oom_kill", 0)}
+
+
+def evict(path):
+    fd = os.open(path, os.O_RDONLY)
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    os.close(fd)
+
+
+LLAMA_RUN = r"""
+import sys, time, json
+import llama_cpp.llama_cpp as C
+if sys.argv[2] == "mmap":
+    orig = C.llama_model_default_params
+    def no_repack():
+        p = orig(); p.use_extra_bufts = False; return p
+    C.llama_model_default_params = no_repack
+from llama_cpp import Llama
+t = time.perf_counter()
+llm = Llama(model_path=sys.argv[1], n_ctx=512, n_threads=2, n_threads_batch=2, verbose=False)
+load = time.perf_counter() - t
+toks = llm.tokenize(b"Once upon a time", add_bos=False)
+llm.eval(toks)
+times = []
+tok = toks[-1]
+for _ in range(int(sys.argv[3])):
+    t = time.perf_counter(); llm.eval([tok]); times.append(time.perf_counter() - t)
+print(json.dumps({"load_s": load, "ms_per_token": sorted(times)[len(times) // 2] * 1000}))
+"""
+
+
+def llama_under_limit(model, limit, mode, tokens):
+    cg = memory_cgroup(f"pbl{os.getpid() % 100000}", limit)
+    try:
+        evict(model)
+        r = subprocess.run(["sh", "-c", f'echo $$ > {cg}/cgroup.procs && exec "$@"', "sh", sys.executable, "-c",
+                            LLAMA_RUN, str(model), mode, str(tokens)], capture_output=True, text=True, timeout=900)
+        rep = cgroup_report(cg)
+        if r.returncode != 0:
+            return {"outcome": f"exit {r.returncode} ({'OOM-killed' if rep['oom_kill'] else r.stderr.strip()[-200:]})", **rep}
+        return {"outcome": "ok", **json.loads(r.stdout.strip().splitlines()[-1]), **rep}
+    finally:
+        try:
+            cg.rmdir()
+        except OSError:
+            pass
+
+
 def alternate(h, configs, rounds, requests, tokens, prompt, on=0):
     """configs: name -> callable that makes that configuration live.
     Returns name -> {"ttft": [...], "tps": [...]}."""
@@ -253,9 +322,65 @@ def links(a):
         print(f"  {rtt:14.1f}   {ring:14.2f}   {one:15.2f}   {ring / one:5.2f}")
 
 
+def bigger(a):
+    model = MODELS / "synth-ref-q4_0.gguf"
+    if not model.is_file():
+        sh(BIN / "primad", "synth", "--shape", "ref", "--quant", "q4_0", "-o", model)
+    size = model.stat().st_size
+    limit = a.limit_mib << 20
+    print(f"== 2. bigger than memory: {model.name} ({size / 1e9:.2f} GB), every device limited to "
+          f"{a.limit_mib} MiB ({size / limit:.1f}x its limit) ==")
+    print(" llama.cpp alone under one such limit (2 threads, -c 512, cold page cache):")
+    llama = {}
+    for mode in [m for m in a.llama_modes.split(",") if m]:
+        r = llama_under_limit(model, limit, mode, a.llama_tokens)
+        llama[mode] = r
+        print(f"  {mode:<8} {json.dumps(r)}", flush=True)
+    print(" prima: three devices in namespaces, each in its own memory cgroup at that limit:")
+    evict(model)
+    # `ip netns exec` mounts a fresh /sys without the cgroup hierarchy, so
+    # the daemons cannot read their limit there: tell them (the documented
+    # override).
+    h = Household(extra=f'memory_budget_mb = {a.limit_mib}\n[model]\ndefault = "synth-ref"\nctx = 512\n',
+                  memory_limit=limit)
+    try:
+        h.wait_household()
+        h.add_model(model, "synth-ref")
+        windows = [("dev0", a.head_window)] + [(f"dev{i}", (28 - a.head_window) // 2) for i in (1, 2)]
+        t = time.time()
+        h.pin(1, windows)
+        print(f"  plan k=1 {windows} live after {time.time() - t:.1f} s (loads and warms up only its layers)")
+        for line in (h.work / "dev1" / "primad.log").read_text().splitlines():
+            if "streaming" in line:
+                print("  dev1:", line.split("INFO")[-1].strip()[:200])
+        rows = []
+        for r in range(a.rounds):
+            b = h.bench(0, a.requests, a.tokens, "Once upon a time")
+            tpot = 1000 / b["decode_tok_s_median"]
+            rows.append(tpot)
+            print(f"  round {r + 1}: TPOT {tpot:.1f} ms, TTFT {b['ttft_ms_median']:.0f} ms", flush=True)
+        tpot = statistics.median(rows)
+        for i, cg in enumerate(h.cgroups):
+            st = Path(f"/proc/{h.procs[i].pid}/status").read_text()
+            mem = {k: v.split()[0] for k, v in (l.split(":", 1) for l in st.splitlines()) if k in ("RssAnon", "RssFile", "VmHWM")}
+            print(f"  dev{i} cgroup: {json.dumps(cgroup_report(cg))}, process kB: {mem}")
+        mm = llama.get("mmap", {}).get("ms_per_token")
+        ref = 1131.0
+        print(f"  prima ring TPOT {tpot:.1f} ms/token")
+        if mm:
+            print(f"  llama.cpp pure mmap {mm:.1f} ms/token -> prima is {mm / tpot:.2f}x faster")
+        print(f"  (reference README: llama.cpp pure mmap {ref} ms/token at 583 MiB -> {ref / tpot:.2f}x)")
+    finally:
+        h.close()
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("which", choices=["overhead", "hetero", "links", "all"])
+    ap.add_argument("which", choices=["overhead", "hetero", "links", "bigger", "all"])
+    ap.add_argument("--limit-mib", type=int, default=583, help="bigger: per-device memory limit")
+    ap.add_argument("--head-window", type=int, default=6, help="bigger: layers on the head (it also holds the output)")
+    ap.add_argument("--llama-modes", default="mmap,default", help="bigger: llama.cpp runs (mmap = --no-repack)")
+    ap.add_argument("--llama-tokens", type=int, default=8)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--requests", type=int, default=3)
     ap.add_argument("--tokens", type=int, default=64)
@@ -264,8 +389,8 @@ def main():
         raise SystemExit("bench-ring needs root (network namespaces, cgroups)")
     if not SMOLLM2.is_file():
         raise SystemExit(f"{SMOLLM2} missing: run scripts/fetch-models smollm2")
-    for w in (["overhead", "hetero", "links"] if a.which == "all" else [a.which]):
-        {"overhead": overhead, "hetero": hetero, "links": links}[w](a)
+    for w in (["overhead", "hetero", "links", "bigger"] if a.which == "all" else [a.which]):
+        {"overhead": overhead, "hetero": hetero, "links": links, "bigger": bigger}[w](a)
 
 
 if __name__ == "__main__":

@@ -169,6 +169,7 @@ pub struct Ring {
     pub use_all_devices: bool,
     pub prefetch: bool,
     pub auto_profile: bool,
+    pub memory_budget_mb: u64,
 }
 
 impl Default for Ring {
@@ -180,6 +181,7 @@ impl Default for Ring {
             use_all_devices: false,
             prefetch: true,
             auto_profile: true,
+            memory_budget_mb: 0,
         }
     }
 }

@@ -148,6 +148,17 @@ pub fn memory() -> (u64, u64) {
 
 /// Bytes this process's memory cgroup still allows (limit - usage), v2 or v1.
 pub fn cgroup_room() -> Option<u64> {
+    let (limit, usage) = cgroup_memory()?;
+    Some(limit.saturating_sub(usage))
+}
+
+/// This process's cgroup memory limit in bytes, if it has one.
+pub fn cgroup_limit() -> Option<u64> {
+    cgroup_memory().map(|(limit, _)| limit)
+}
+
+/// (limit, usage) of this process's memory cgroup (v1 or v2).
+fn cgroup_memory() -> Option<(u64, u64)> {
     let text = std::fs::read_to_string("/proc/self/cgroup").ok()?;
     for line in text.lines() {
         let mut parts = line.splitn(3, ':');
@@ -177,7 +188,7 @@ pub fn cgroup_room() -> Option<u64> {
             .ok()
             .and_then(|u| u.trim().parse().ok())
             .unwrap_or(0);
-        return Some(limit.saturating_sub(usage));
+        return Some((limit, usage));
     }
     None
 }

@@ -77,6 +77,10 @@ async fn serve(cfg: Config) -> Result<()> {
                 ubatch: cfg.ring.ubatch,
                 max_ctx: cfg.model.ctx,
                 prefetch: cfg.ring.prefetch,
+                memory_budget: match cfg.ring.memory_budget_mb {
+                    0 => crate::profiler::cgroup_limit(),
+                    mb => Some(mb << 20),
+                },
             },
             Duration::from_millis(cfg.cluster.dead_ms),
         )

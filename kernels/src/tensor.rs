@@ -88,6 +88,11 @@ impl Weight {
         })
     }
 
+    /// Where the matrix lies in the model file: (offset, length) in bytes.
+    pub fn span(&self) -> (u64, u64) {
+        (self.offset as u64, self.len as u64)
+    }
+
     /// Raw bytes of the whole matrix.
     pub fn bytes(&self) -> &[u8] {
         &self.file.bytes()[self.offset..self.offset + self.len]

@@ -360,3 +360,26 @@ fn a_device_killed_mid_answer_is_planned_around_and_the_answer_completes() {
     assert_eq!(p2["devices"].as_array().unwrap().len(), 2);
     ds[victim].kill9();
 }
+
+#[test]
+fn layers_beyond_the_memory_budget_stream_and_answers_stay_exact() {
+    let hosts = Hosts::create(3).expect("hosts");
+    // A budget far below the windows: most layers are read ahead and
+    // dropped after use on every device.
+    let ds = household(
+        &hosts,
+        SMOLLM2,
+        "smollm2-135m",
+        "memory_budget_mb = 110\n",
+    );
+    let want = generate(&model(SMOLLM2), QUESTION, N, true);
+    check_plan(&ds, 2, &[("dev0", 5), ("dev1", 5), ("dev2", 5)], 1, &want);
+    for d in &ds {
+        assert!(
+            d.log().contains("streaming the rest"),
+            "dev{} streams:\n{}",
+            d.host,
+            d.log()
+        );
+    }
+}

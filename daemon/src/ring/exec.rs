@@ -99,6 +99,169 @@ struct Prepared {
     sessions: HashMap<u64, Vec<KvCache>>,
     /// Head: who waits for the logits of each session.
     replies: HashMap<u64, mpsc::Sender<Logits>>,
+    /// Layers that do not fit the memory budget and are read per use.
+    streaming: Option<Arc<Streaming>>,
+}
+
+/// The layers a device cannot keep resident: their weight matrices are read
+/// ahead a few at a time (explicit WillNeed while other matrices, layers and
+/// devices compute) and dropped right after use, so the resident layers are
+/// never evicted by the kernel's LRU and nothing is read twice.
+pub struct Streaming {
+    file: Arc<Gguf>,
+    /// For posix_fadvise(DONTNEED).
+    fd: std::fs::File,
+    /// Streamed matrices (offset, length) in the order they are used.
+    order: Vec<(u64, u64)>,
+    /// Offset -> index in `order`.
+    index: HashMap<u64, usize>,
+}
+
+/// Matrices read ahead of the one in use.
+const LOOKAHEAD: usize = 2;
+
+impl Streaming {
+    fn prefetch(&self, i: usize) {
+        let (a, len) = self.order[i % self.order.len()];
+        self.file.prefetch(a, len);
+    }
+
+    /// Reads the first matrices ahead.
+    fn start(&self) {
+        for i in 0..LOOKAHEAD.min(self.order.len()) {
+            self.prefetch(i);
+        }
+    }
+
+    /// After a matrix was used: drop its pages if it streams, and read the
+    /// one LOOKAHEAD places on.
+    fn after(&self, w: &prima_kernels::tensor::Weight) {
+        let (a, len) = w.span();
+        let Some(&i) = self.index.get(&a) else {
+            return; // resident
+        };
+        self.file.release(a, len);
+        #[cfg(unix)]
+        {
+            use std::os::fd::AsRawFd;
+            // SAFETY: a plain syscall on an open descriptor; it only drops
+            // clean page-cache pages of the range.
+            unsafe {
+                libc::posix_fadvise(
+                    self.fd.as_raw_fd(),
+                    a as libc::off_t,
+                    len as libc::off_t,
+                    libc::POSIX_FADV_DONTNEED,
+                );
+            }
+        }
+        self.prefetch(i + LOOKAHEAD);
+    }
+}
+
+/// The weight matrices of `layer`, (offset, length), in the order the
+/// forward pass uses them.
+fn layer_matrices(file: &Gguf, layer: usize) -> Vec<(u64, u64)> {
+    use prima_kernels::model::names;
+    [
+        names::ATTN_Q,
+        names::ATTN_K,
+        names::ATTN_V,
+        names::ATTN_OUT,
+        names::FFN_GATE,
+        names::FFN_UP,
+        names::FFN_DOWN,
+    ]
+    .iter()
+    .filter_map(|n| file.tensor(&names::layer(layer, n)))
+    .map(|t| (t.offset, t.size))
+    .collect()
+}
+
+/// Memory this process holds now that is not model weights: anonymous
+/// memory plus file pages up to 64 MiB (its binary and libraries; beyond
+/// that they are earlier windows of the model, about to be dropped).
+fn process_overhead() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let kb = |key: &str| -> u64 {
+        status
+            .lines()
+            .find(|l| l.starts_with(key))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    let anon = kb("RssAnon:") << 10;
+    let file = (kb("RssFile:") << 10).min(64 << 20);
+    if anon == 0 {
+        96 << 20 // not Linux: a conservative guess
+    } else {
+        anon + file
+    }
+}
+
+/// Decides which of this device's layers stay resident under `budget`
+/// bytes (weights plus caches), in the order it runs them; the rest stream.
+fn plan_streaming(
+    file: &Arc<Gguf>,
+    path: &std::path::Path,
+    ranges: &[Range<usize>],
+    head: bool,
+    kv_bytes: u64,
+    budget: u64,
+) -> Result<Option<Arc<Streaming>>, String> {
+    // The process itself as it stands (runtime, network, buffers, its own
+    // binary's pages), plus slack for what a request allocates.
+    let margin = process_overhead() + (24 << 20);
+    let order: Vec<usize> = ranges.iter().flat_map(|r| r.clone()).collect();
+    let mats: Vec<Vec<(u64, u64)>> = order.iter().map(|&l| layer_matrices(file, l)).collect();
+    let sizes: Vec<u64> = mats.iter().map(|m| m.iter().map(|x| x.1).sum()).collect();
+    let total: u64 = sizes.iter().sum();
+    // The head reads the output matrix every token: it stays resident.
+    let out = if head {
+        file.tensor("output.weight")
+            .or_else(|| file.tensor("token_embd.weight"))
+            .map(|t| t.size)
+            .unwrap_or(0)
+    } else {
+        0
+    };
+    let room = budget.saturating_sub(margin + kv_bytes + out);
+    if total <= room {
+        return Ok(None);
+    }
+    // Room for the matrix in use and those read ahead of it.
+    let biggest = mats.iter().flatten().map(|x| x.1).max().unwrap_or(0);
+    let keep = room.saturating_sub((LOOKAHEAD as u64 + 1) * biggest);
+    let mut used = 0;
+    let mut streamed = Vec::new();
+    let mut n_streamed = 0;
+    for (m, size) in mats.iter().zip(&sizes) {
+        if used + size <= keep {
+            used += size;
+        } else {
+            streamed.extend_from_slice(m);
+            n_streamed += 1;
+        }
+    }
+    tracing::info!(
+        budget_mb = budget >> 20, overhead_mb = margin >> 20, resident_layers = order.len() - n_streamed,
+        resident_mb = used >> 20, streamed_layers = n_streamed,
+        streamed_mb_per_token = (total - used) >> 20,
+        "the windows do not fit in memory: streaming the rest"
+    );
+    let fd = std::fs::File::open(path).map_err(|e| format!("opening {}: {e}", path.display()))?;
+    let index = streamed
+        .iter()
+        .enumerate()
+        .map(|(i, (a, _))| (*a, i))
+        .collect();
+    Ok(Some(Arc::new(Streaming {
+        file: file.clone(),
+        fd,
+        order: streamed,
+        index,
+    })))
 }
 
 pub struct Settings {
@@ -106,6 +269,9 @@ pub struct Settings {
     pub max_ctx: usize,
     /// Advise the kernel to read the next window after each one.
     pub prefetch: bool,
+    /// Memory this device may use for weights and caches (a cgroup limit,
+    /// or set in config); None: no limit, every window stays resident.
+    pub memory_budget: Option<u64>,
 }
 
 /// Runs until `Input::Stop` or the input channel closes.
@@ -140,7 +306,7 @@ pub fn run(
                 }
                 state = None; // unmap the old windows first
                 match (rank, path) {
-                    (Some(rank), Some(path)) => match prepare(plan, rank, path) {
+                    (Some(rank), Some(path)) => match prepare(plan, rank, path, &settings) {
                         Ok(p) => {
                             state = Some(p);
                             done(Ok(()));
@@ -177,7 +343,13 @@ pub fn run(
     }
 }
 
-fn prepare(plan: RingPlan, rank: usize, path: PathBuf) -> Result<Prepared, String> {
+
+fn prepare(
+    plan: RingPlan,
+    rank: usize,
+    path: PathBuf,
+    settings: &Settings,
+) -> Result<Prepared, String> {
     let t = Instant::now();
     let file = Arc::new(Gguf::open(&path).map_err(|e| format!("opening {}: {e}", path.display()))?);
     let ranges = plan.windows(rank);
@@ -198,23 +370,23 @@ fn prepare(plan: RingPlan, rank: usize, path: PathBuf) -> Result<Prepared, Strin
             plan.n_layer
         ));
     }
-    // Warm up: one token through every window touches its weights and the
-    // kernels' buffers, so the first real token is not the slow one.
-    for (m, r) in windows.iter().zip(&ranges) {
-        let mut kv = KvCache::new(&m.config, r.clone(), 1);
-        let mut h = Hidden {
-            data: vec![0.0; m.config.n_embd],
-            n_tokens: 1,
-            dim: m.config.n_embd,
-        };
-        m.forward_layers(r.clone(), &mut h, &mut kv, 0)
-            .map_err(|e| format!("warm-up of layers {r:?}: {e}"))?;
+    let streaming = match settings.memory_budget {
+        Some(budget) => {
+            let c = &windows[0].config;
+            let n: usize = ranges.iter().map(|r| r.len()).sum();
+            let kv = (n * settings.max_ctx * c.kv_dim() * 2 * 2) as u64;
+            plan_streaming(&file, &path, &ranges, rank == 0, kv, budget)?
+        }
+        None => None,
+    };
+    if let Some(st) = &streaming {
+        for w in windows.iter_mut() {
+            let st = st.clone();
+            w.set_after_weight(Arc::new(move |w| st.after(w)));
+        }
+        st.start();
     }
-    tracing::info!(
-        epoch = plan.epoch, rank, windows = ?ranges, elapsed = ?t.elapsed(),
-        "ring windows loaded"
-    );
-    Ok(Prepared {
+    let p = Prepared {
         layout_since: plan.epoch,
         plan,
         rank,
@@ -223,10 +395,40 @@ fn prepare(plan: RingPlan, rank: usize, path: PathBuf) -> Result<Prepared, Strin
         ranges,
         sessions: HashMap::new(),
         replies: HashMap::new(),
-    })
+        streaming,
+    };
+    // Warm up: one token through every window touches its weights and the
+    // kernels' buffers, so the first real token is not the slow one.
+    for r in 0..p.windows.len() {
+        let c = &p.windows[r].config;
+        let mut kv = KvCache::new(c, p.ranges[r].clone(), 1);
+        let mut h = Hidden {
+            data: vec![0.0; c.n_embd],
+            n_tokens: 1,
+            dim: c.n_embd,
+        };
+        p.run_layers(r, &mut h, &mut kv, 0)
+            .map_err(|e| format!("warm-up of layers {:?}: {e}", p.ranges[r]))?;
+    }
+    tracing::info!(
+        epoch = p.plan.epoch, rank, windows = ?p.ranges, elapsed = ?t.elapsed(),
+        "ring windows loaded"
+    );
+    Ok(p)
 }
 
 impl Prepared {
+    /// Runs window `r` (streamed matrices are dropped by the model's hook).
+    fn run_layers(
+        &self,
+        r: usize,
+        h: &mut Hidden,
+        kv: &mut KvCache,
+        pos: usize,
+    ) -> Result<(), prima_kernels::model::ModelError> {
+        self.windows[r].forward_layers(self.ranges[r].clone(), h, kv, pos)
+    }
+
     fn dim(&self) -> usize {
         self.windows[0].config.n_embd
     }
@@ -363,15 +565,18 @@ impl Prepared {
         if r >= n_windows {
             return Err(format!("round {round} of a plan with k = {n_windows}"));
         }
-        self.windows[r]
-            .forward_layers(self.ranges[r].clone(), h, &mut caches[r], pos)
-            .map_err(|e| format!("layers {:?}: {e}", self.ranges[r]))
+        let mut kv = std::mem::replace(&mut caches[r], KvCache::empty());
+        let res = self.run_layers(r, h, &mut kv, pos);
+        if let Some(c) = self.sessions.get_mut(&req) {
+            c[r] = kv;
+        }
+        res.map_err(|e| format!("layers {:?}: {e}", self.ranges[r]))
     }
 
     /// Advises the kernel to read the window after `round` (the next round's,
     /// or the first one's for the next token).
     fn prefetch_after(&self, round: u32) {
-        if self.windows.len() < 2 {
+        if self.windows.len() < 2 || self.streaming.is_some() {
             return; // one window stays resident between tokens anyway
         }
         let next = (round as usize + 1) % self.windows.len();

@@ -121,6 +121,8 @@ pub struct Settings {
     pub ubatch: usize,
     pub max_ctx: usize,
     pub prefetch: bool,
+    /// Bytes this device may use for weights and caches; None: unlimited.
+    pub memory_budget: Option<u64>,
 }
 
 type AskHandler = dyn Fn(GenRequest) -> UnboundedReceiver<Event> + Send + Sync;
@@ -169,6 +171,7 @@ impl Ring {
         let es = exec::Settings {
             max_ctx: settings.max_ctx,
             prefetch: settings.prefetch,
+            memory_budget: settings.memory_budget,
         };
         let thread = {
             let out = out_tx.clone();

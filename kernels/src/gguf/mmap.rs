@@ -39,4 +39,33 @@ impl Mmap {
         #[cfg(not(unix))]
         let _ = (offset, len);
     }
+
+    /// Drops this mapping's pages of `[offset, offset + len)` (page-aligned
+    /// inward), so they stop counting against this process; the next access
+    /// reads them again from the page cache or the file.
+    pub(super) fn release(&self, offset: usize, len: usize) {
+        #[cfg(unix)]
+        {
+            let page = 4096;
+            let start = offset.div_ceil(page) * page;
+            let end = ((offset + len).min(self.map.len())) / page * page;
+            if start < end {
+                // SAFETY: the map is a read-only private file mapping that is
+                // never written, so MADV_DONTNEED only drops page-table
+                // entries: later reads fault the same file contents back in.
+                // No reference into the range is invalidated (the bytes stay
+                // readable), which is what makes this sound for `&[u8]`
+                // views held elsewhere.
+                let _ = unsafe {
+                    self.map.unchecked_advise_range(
+                        memmap2::UncheckedAdvice::DontNeed,
+                        start,
+                        end - start,
+                    )
+                };
+            }
+        }
+        #[cfg(not(unix))]
+        let _ = (offset, len);
+    }
 }

@@ -236,6 +236,15 @@ impl Gguf {
         self.bytes.as_slice()
     }
 
+    /// Lets the OS drop this process's mapped pages of a byte range (they
+    /// are read again on the next access). Together with
+    /// `posix_fadvise(DONTNEED)` on the file this returns their memory.
+    pub fn release(&self, offset: u64, len: u64) {
+        if let Bytes::Mmap(m) = &*self.bytes {
+            m.release(offset as usize, len as usize);
+        }
+    }
+
     /// Asks the OS to read a byte range of the file ahead of use (a hint).
     pub fn prefetch(&self, offset: u64, len: u64) {
         if let Bytes::Mmap(m) = &*self.bytes {

@@ -94,6 +94,10 @@ struct Layer {
     post_ffn_norm: Option<Vec<f32>>,
 }
 
+/// Called with each weight matrix of a layer right after the forward pass
+/// has used it (a device that streams weights releases them here).
+pub type WeightHook = dyn Fn(&Weight) + Send + Sync;
+
 /// A loaded model: weights viewed in place in the mapped GGUF file.
 pub struct Model {
     pub config: Config,
@@ -103,6 +107,7 @@ pub struct Model {
     tok_embd: Weight,
     output_norm: Vec<f32>,
     output: Weight,
+    after_weight: Option<std::sync::Arc<WeightHook>>,
 }
 
 impl Model {
@@ -176,7 +181,19 @@ impl Model {
             tok_embd,
             output_norm,
             output,
+            after_weight: None,
         })
+    }
+
+    /// Sets the hook called after each layer weight is used.
+    pub fn set_after_weight(&mut self, hook: std::sync::Arc<WeightHook>) {
+        self.after_weight = Some(hook);
+    }
+
+    fn used(&self, w: &Weight) {
+        if let Some(h) = &self.after_weight {
+            h(w);
+        }
     }
 
     /// Layers whose weights this model holds.
@@ -274,6 +291,9 @@ impl Model {
             &x,
             n,
         );
+        for w in [&l.wq, &l.wk, &l.wv] {
+            self.used(w);
+        }
         for (buf, bias) in [(&mut q, &l.bq), (&mut k, &l.bk), (&mut v, &l.bv)] {
             if let Some(b) = bias {
                 for row in buf.chunks_exact_mut(b.len()) {
@@ -347,6 +367,7 @@ impl Model {
         });
         let mut o = vec![0f32; n * d];
         l.wo.matmul(&attn, n, &mut o);
+        self.used(&l.wo);
         if let Some(w) = &l.post_attn_norm {
             ops::rms_norm(&mut o, w, c.rms_eps);
         }
@@ -358,6 +379,8 @@ impl Model {
         let mut gate = vec![0f32; n * c.n_ff];
         let mut up = vec![0f32; n * c.n_ff];
         matmul_shared(&mut [(&l.ffn_gate, &mut gate), (&l.ffn_up, &mut up)], &x, n);
+        self.used(&l.ffn_gate);
+        self.used(&l.ffn_up);
         match c.arch {
             Arch::Gemma3 => gate
                 .iter_mut()
@@ -372,6 +395,7 @@ impl Model {
         }
         let mut o = vec![0f32; n * d];
         l.ffn_down.matmul(&gate, n, &mut o);
+        self.used(&l.ffn_down);
         if let Some(w) = &l.post_ffn_norm {
             ops::rms_norm(&mut o, w, c.rms_eps);
         }
@@ -424,6 +448,15 @@ impl KvCache {
             layers,
             ctx,
             caches,
+        }
+    }
+
+    /// A cache of no layers (a placeholder while a real one is in use).
+    pub fn empty() -> Self {
+        Self {
+            layers: 0..0,
+            ctx: 0,
+            caches: Vec::new(),
         }
     }
 
