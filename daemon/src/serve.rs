@@ -377,7 +377,12 @@ async fn ring_upkeep(ring: Arc<Ring>, st: Arc<AppState>) {
                 tracing::warn!(error = %e, "profiling this device failed");
             }
         }
-        let p = api::cached_profile(&st);
+        // The quick part refreshes continuously: memory available now.
+        let p = api::cached_profile(&st).map(|mut p| {
+            let (_, available) = crate::profiler::memory();
+            p.memory.available_bytes = available;
+            p
+        });
         if ring.local_ad().device != p {
             ring.set_device_profile(p);
         }

@@ -366,12 +366,7 @@ fn layers_beyond_the_memory_budget_stream_and_answers_stay_exact() {
     let hosts = Hosts::create(3).expect("hosts");
     // A budget far below the windows: most layers are read ahead and
     // dropped after use on every device.
-    let ds = household(
-        &hosts,
-        SMOLLM2,
-        "smollm2-135m",
-        "memory_budget_mb = 110\n",
-    );
+    let ds = household(&hosts, SMOLLM2, "smollm2-135m", "memory_budget_mb = 110\n");
     let want = generate(&model(SMOLLM2), QUESTION, N, true);
     check_plan(&ds, 2, &[("dev0", 5), ("dev1", 5), ("dev2", 5)], 1, &want);
     for d in &ds {

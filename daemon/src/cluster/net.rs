@@ -665,8 +665,10 @@ impl Loop {
 
     fn publish(&mut self, bye: bool) {
         let view = self.election.view();
+        let links = self.links();
         let ring = self.s.ring.as_ref().map(|r| {
             let mut ad = r.local_ad();
+            ad.links = links;
             if self.election.is_coordinator() {
                 ad.plan = r.plan().filter(|p| p.coordinator == self.me.to_string());
             }
@@ -903,6 +905,17 @@ impl Loop {
         self.write_status();
     }
 
+    /// RTTs to the devices this one is connected to, by name.
+    fn links(&self) -> Vec<(String, f64)> {
+        self.peers
+            .values()
+            .filter_map(|p| {
+                let name = p.profile.as_ref()?.name.clone();
+                Some((name, p.rtt?.as_secs_f64() * 1e3))
+            })
+            .collect()
+    }
+
     /// Sets or clears the pin and plans again at once.
     fn pin(&mut self, pin: Option<Pin>) -> std::result::Result<(), String> {
         let Some(ring) = self.s.ring.clone() else {
@@ -957,7 +970,7 @@ impl Loop {
             device: local.device.clone(),
             cores: self.s.profile.cores,
             ram_mb: self.s.profile.ram_mb,
-            links: vec![],
+            links: self.links(),
         }];
         {
             let peers = ring.peers.read().expect("peers");
@@ -979,15 +992,33 @@ impl Loop {
                     device: p.ad.device.clone(),
                     cores: prof.as_ref().map(|p| p.cores).unwrap_or(1),
                     ram_mb: prof.as_ref().map(|p| p.ram_mb).unwrap_or(1024),
-                    links: vec![],
+                    links: p.ad.links.clone(),
                 });
             }
         }
         let pin = ring.pin.read().expect("pin").clone();
+        // Material changes only: a device measured, its free memory moving
+        // by more than about 20%, a slow link's RTT doubling.
         let key = serde_json::to_string(&(
             cands
                 .iter()
-                .map(|c| (&c.id, c.device.is_some()))
+                .map(|c| {
+                    let mem = c
+                        .device
+                        .as_ref()
+                        .map(|d| (d.memory.available_bytes.max(1) as f64).log(1.2).round() as i64);
+                    let links: Vec<(String, i64)> = c
+                        .links
+                        .iter()
+                        // LAN-fast links (< 5 ms) are all alike; above,
+                        // a doubling is material. Jitter is not.
+                        .map(|(n, r)| {
+                            let b = if *r < 5.0 { 0 } else { r.log2().round() as i64 };
+                            (n.clone(), b)
+                        })
+                        .collect();
+                    (&c.id, c.device.is_some(), mem, links)
+                })
                 .collect::<Vec<_>>(),
             &model,
             &pin,

@@ -51,7 +51,7 @@ pub enum Input {
         from: String,
         frame: Frame,
     },
-    /// Head: start a batch of a session (planned under `batch.epoch`).
+    /// Head: start a batch of a session (on the layout `batch.layout`).
     Submit {
         batch: Batch,
         tokens: Vec<u32>,
@@ -65,13 +65,13 @@ pub enum Input {
     Stop,
 }
 
-/// Where a batch belongs: its session, the plan epoch the session runs
-/// under, its first position, the session's context, and whether the head
+/// Where a batch belongs: its session, the plan layout the session runs
+/// on, its first position, the session's context, and whether the head
 /// wants its logits.
 #[derive(Debug, Clone, Copy)]
 pub struct Batch {
     pub req: u64,
-    pub epoch: u64,
+    pub layout: u64,
     pub pos: usize,
     pub ctx: usize,
     pub last: bool,
@@ -88,9 +88,9 @@ pub struct Outgoing {
 
 struct Prepared {
     plan: RingPlan,
-    /// The first epoch of the current layout: sessions begun under any
-    /// epoch from here to `plan.epoch` run on the same windows.
-    layout_since: u64,
+    /// `plan.layout_id()`: sessions on this layout run here, whatever epoch
+    /// they began under.
+    layout: u64,
     rank: usize,
     file: Arc<Gguf>,
     /// One model view per round, holding that round's window.
@@ -245,8 +245,11 @@ fn plan_streaming(
         }
     }
     tracing::info!(
-        budget_mb = budget >> 20, overhead_mb = margin >> 20, resident_layers = order.len() - n_streamed,
-        resident_mb = used >> 20, streamed_layers = n_streamed,
+        budget_mb = budget >> 20,
+        overhead_mb = margin >> 20,
+        resident_layers = order.len() - n_streamed,
+        resident_mb = used >> 20,
+        streamed_layers = n_streamed,
         streamed_mb_per_token = (total - used) >> 20,
         "the windows do not fit in memory: streaming the rest"
     );
@@ -326,7 +329,7 @@ pub fn run(
                 tokens,
                 reply,
             } => match &mut state {
-                Some(p) if p.rank == 0 && p.current(batch.epoch) => {
+                Some(p) if p.rank == 0 && p.current(batch.layout) => {
                     p.replies.insert(batch.req, reply);
                     p.submit(batch, &tokens, &out, &settings);
                 }
@@ -342,7 +345,6 @@ pub fn run(
         }
     }
 }
-
 
 fn prepare(
     plan: RingPlan,
@@ -387,7 +389,7 @@ fn prepare(
         st.start();
     }
     let p = Prepared {
-        layout_since: plan.epoch,
+        layout: plan.layout_id(),
         plan,
         rank,
         file,
@@ -443,14 +445,14 @@ impl Prepared {
     /// Reports a failed session to the head (straight there, not round the
     /// ring, which may be what broke).
     fn fail(&mut self, req: u64, msg: String, out: &tokio::sync::mpsc::UnboundedSender<Outgoing>) {
-        let epoch = self.plan.epoch;
-        self.fail_epoch(req, epoch, msg, out)
+        let layout = self.layout;
+        self.fail_layout(req, layout, msg, out)
     }
 
-    fn fail_epoch(
+    fn fail_layout(
         &mut self,
         req: u64,
-        epoch: u64,
+        layout: u64,
         msg: String,
         out: &tokio::sync::mpsc::UnboundedSender<Outgoing>,
     ) {
@@ -461,13 +463,13 @@ impl Prepared {
                 let _ = r.send((req, Err(msg)));
             }
         } else {
-            self.send(0, Frame::control(Header::Fail { epoch, req, msg }), out);
+            self.send(0, Frame::control(Header::Fail { layout, req, msg }), out);
         }
     }
 
-    /// Whether a session begun under `epoch` runs on these windows.
-    fn current(&self, epoch: u64) -> bool {
-        (self.layout_since..=self.plan.epoch).contains(&epoch)
+    /// Whether a session on `layout` runs on these windows.
+    fn current(&self, layout: u64) -> bool {
+        layout == self.layout
     }
 
     fn submit(
@@ -498,7 +500,7 @@ impl Prepared {
         loop {
             if rank != self.rank {
                 let header = Header::Act {
-                    epoch: b.epoch,
+                    layout: b.layout,
                     req: b.req,
                     round,
                     pos: b.pos as u32,
@@ -590,13 +592,13 @@ impl Prepared {
         out: &tokio::sync::mpsc::UnboundedSender<Outgoing>,
         s: &Settings,
     ) {
-        let epoch = frame.header.epoch();
+        let layout = frame.header.layout();
         let req = frame.header.req();
-        if !self.current(epoch) {
-            tracing::debug!(peer = %from, epoch, mine = self.plan.epoch, "frame of another plan");
+        if !self.current(layout) {
+            tracing::debug!(peer = %from, layout, mine = self.layout, "frame of another plan layout");
             if matches!(frame.header, Header::Act { .. }) {
                 // The head hears it at once and replays on the new plan.
-                self.fail_epoch(req, epoch, REPLANNED.into(), out);
+                self.fail_layout(req, layout, REPLANNED.into(), out);
             }
             return;
         }
@@ -642,7 +644,7 @@ impl Prepared {
                 };
                 let b = Batch {
                     req,
-                    epoch,
+                    layout,
                     pos: pos as usize,
                     ctx,
                     last,
@@ -667,8 +669,8 @@ impl Prepared {
         }
         let next = self.plan.next(self.rank);
         if next != 0 {
-            let epoch = self.plan.epoch;
-            self.send(next, Frame::control(Header::Kv { epoch, req, op }), out);
+            let layout = self.layout;
+            self.send(next, Frame::control(Header::Kv { layout, req, op }), out);
         }
     }
 }

@@ -66,12 +66,19 @@ pub struct RingAd {
     /// The plan epoch this device has loaded and is ready to run (0: none).
     #[serde(default)]
     pub ready: u64,
+    /// The layout of that plan ([`RingPlan::layout_id`]).
+    #[serde(default)]
+    pub ready_layout: u64,
     /// Measured profile for Halda (`primactl profile`), if any.
     #[serde(default)]
     pub device: Option<halda::DeviceProfile>,
     /// The coordinator's plan (only the coordinator sends one).
     #[serde(default)]
     pub plan: Option<RingPlan>,
+    /// Measured round-trip times to other devices (name, ms), over the
+    /// libp2p connection (ping).
+    #[serde(default)]
+    pub links: Vec<(String, f64)>,
 }
 
 /// What this device last heard from a peer.
@@ -324,8 +331,10 @@ impl Ring {
             path,
             done: Box::new(move |r| match r {
                 Ok(()) => {
-                    if me.plan().is_some_and(|p| p.epoch == epoch) {
-                        me.local.write().expect("local").ready = epoch;
+                    if let Some(p) = me.plan().filter(|p| p.epoch == epoch) {
+                        let mut l = me.local.write().expect("local");
+                        l.ready = epoch;
+                        l.ready_layout = p.layout_id();
                     }
                 }
                 Err(e) => tracing::error!(epoch, error = %e, "cannot take part in the ring plan"),
@@ -339,16 +348,17 @@ impl Ring {
             .store(dim * MAX_UBATCH * 4, Ordering::Relaxed);
     }
 
-    /// Whether `id` has loaded `epoch` and was heard from lately.
-    fn is_ready(&self, id: &str, epoch: u64) -> bool {
+    /// Whether `id` has loaded the windows of `layout` and was heard from
+    /// lately (an epoch that only renumbers a plan needs no new readiness).
+    fn is_ready(&self, id: &str, layout: u64) -> bool {
         if id == self.me {
-            return self.local.read().expect("local").ready == epoch;
+            return self.local.read().expect("local").ready_layout == layout;
         }
         self.peers
             .read()
             .expect("peers")
             .get(id)
-            .is_some_and(|p| p.ad.ready == epoch && p.heard.elapsed() < self.dead_after)
+            .is_some_and(|p| p.ad.ready_layout == layout && p.heard.elapsed() < self.dead_after)
     }
 
     /// Readiness of each device of the plan, by rank.
@@ -357,7 +367,7 @@ impl Ring {
             Some(p) => p
                 .devices
                 .iter()
-                .map(|d| self.is_ready(&d.id, p.epoch))
+                .map(|d| self.is_ready(&d.id, p.layout_id()))
                 .collect(),
             None => vec![],
         }
@@ -368,7 +378,7 @@ impl Ring {
         let p = self.plan()?;
         p.devices
             .iter()
-            .all(|d| self.is_ready(&d.id, p.epoch))
+            .all(|d| self.is_ready(&d.id, p.layout_id()))
             .then_some(p)
     }
 
@@ -544,7 +554,7 @@ impl RingSession<'_> {
             self.ring.to_exec(Input::Submit {
                 batch: exec::Batch {
                     req: self.req,
-                    epoch: self.plan.epoch,
+                    layout: self.plan.layout_id(),
                     pos: self.pos,
                     ctx: self.ctx,
                     last: i + 1 == n,
@@ -761,11 +771,12 @@ async fn deliver(ring: &Arc<Ring>, streams: &mut HashMap<PeerId, Stream>, o: Out
                 })
                 .unwrap_or_else(|| o.to.clone());
             tracing::warn!(device = %name, error = %e, "ring frame not delivered");
-            if let Header::Act { epoch, req, .. } | Header::Kv { epoch, req, .. } = o.frame.header {
+            if let Header::Act { layout, req, .. } | Header::Kv { layout, req, .. } = o.frame.header
+            {
                 ring.to_exec(Input::Frame {
                     from: ring.me.clone(),
                     frame: Frame::control(Header::Fail {
-                        epoch,
+                        layout,
                         req,
                         msg: format!("device '{name}' cannot be reached: {e}"),
                     }),

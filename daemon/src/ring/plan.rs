@@ -194,6 +194,22 @@ impl RingPlan {
         &self.devices[0]
     }
 
+    /// An id of the work this plan asks for (model, k, devices and windows
+    /// in order), the same across epochs that only renumber it.
+    pub fn layout_id(&self) -> u64 {
+        use sha2::{Digest, Sha256};
+        let mut h = Sha256::new();
+        h.update(self.sha256.as_bytes());
+        h.update(self.k.to_le_bytes());
+        for d in &self.devices {
+            h.update(d.id.as_bytes());
+            h.update(d.window.to_le_bytes());
+            h.update(d.gpu_layers.to_le_bytes());
+        }
+        let b = h.finalize();
+        u64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]])
+    }
+
     /// True when `other` asks the devices for the same work (so a device
     /// need not reload): same model, k and windows in the same order.
     pub fn same_layout(&self, other: &RingPlan) -> bool {
@@ -276,6 +292,20 @@ mod tests {
                 "{windows:?} k={k}"
             );
         }
+    }
+
+    #[test]
+    fn layout_ids_ignore_the_epoch_only() {
+        let a = plan(&[10, 10, 10], 30, 1);
+        let mut b = a.clone();
+        b.epoch = 7;
+        b.pinned = true;
+        assert_eq!(a.layout_id(), b.layout_id());
+        assert!(a.same_layout(&b));
+        let c = plan(&[10, 12, 8], 30, 1);
+        assert_ne!(a.layout_id(), c.layout_id());
+        let d = plan(&[5, 5, 5], 30, 2);
+        assert_ne!(plan(&[10, 10, 10], 30, 1).layout_id(), d.layout_id());
     }
 
     #[test]

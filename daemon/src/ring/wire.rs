@@ -31,7 +31,8 @@ pub enum Header {
     /// through the receiver's window of `round`. `ctx` sizes a new
     /// session's cache; `last` marks the batch whose logits the head wants.
     Act {
-        epoch: u64,
+        /// The plan layout the session runs on ([`super::plan::RingPlan::layout_id`]).
+        layout: u64,
         req: u64,
         round: u32,
         pos: u32,
@@ -40,17 +41,17 @@ pub enum Header {
         last: bool,
     },
     /// A cache command for session `req`; applied, then passed on.
-    Kv { epoch: u64, req: u64, op: KvOp },
+    Kv { layout: u64, req: u64, op: KvOp },
     /// A device could not run session `req`; passed on to the head.
-    Fail { epoch: u64, req: u64, msg: String },
+    Fail { layout: u64, req: u64, msg: String },
 }
 
 impl Header {
-    pub fn epoch(&self) -> u64 {
+    pub fn layout(&self) -> u64 {
         match self {
-            Header::Act { epoch, .. } | Header::Kv { epoch, .. } | Header::Fail { epoch, .. } => {
-                *epoch
-            }
+            Header::Act { layout, .. }
+            | Header::Kv { layout, .. }
+            | Header::Fail { layout, .. } => *layout,
         }
     }
 
@@ -196,7 +197,7 @@ mod tests {
 
     fn act(n: u32) -> Header {
         Header::Act {
-            epoch: 3,
+            layout: 3,
             req: 7,
             round: 1,
             pos: 5,
@@ -218,7 +219,7 @@ mod tests {
         block_on(async {
             let f = Frame::act(act(2), &[1.0, -2.5, 3.25, 0.0, 1e-9, -7.0]);
             let k = Frame::control(Header::Kv {
-                epoch: 3,
+                layout: 3,
                 req: 7,
                 op: KvOp::Truncate { from: 4 },
             });
@@ -252,7 +253,7 @@ mod tests {
                 Err(WireError::BadHeader(_))
             ));
             // Unknown field in a header.
-            let h = br#"{"t":"kv","epoch":1,"req":1,"op":{"op":"drop"},"evil":1}"#;
+            let h = br#"{"t":"kv","layout":1,"req":1,"op":{"op":"drop"},"evil":1}"#;
             let mut b = (h.len() as u32).to_le_bytes().to_vec();
             b.extend_from_slice(h);
             b.extend_from_slice(&0u32.to_le_bytes());
@@ -295,7 +296,7 @@ mod tests {
             })
         ));
         let mut k = Frame::control(Header::Fail {
-            epoch: 1,
+            layout: 1,
             req: 1,
             msg: "x".into(),
         });

@@ -439,9 +439,11 @@ impl KvCache {
         let kvd = config.kv_dim();
         let caches = layers
             .clone()
+            // Zeroed allocations: the OS commits a page only when a position
+            // is first written, so a long context costs what is used.
             .map(|_| LayerCache {
-                k: vec![f16::ZERO; ctx * kvd],
-                v: vec![f16::ZERO; ctx * kvd],
+                k: bytemuck::zeroed_vec(ctx * kvd),
+                v: bytemuck::zeroed_vec(ctx * kvd),
             })
             .collect();
         Self {
