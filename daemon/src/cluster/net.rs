@@ -560,6 +560,9 @@ struct Loop {
     plan_key: String,
     /// Highest plan epoch seen anywhere.
     max_epoch: u64,
+    /// Highest epoch of a plan made by another device: while coordinating,
+    /// this device outbids it so that everyone converges on one plan.
+    rival_epoch: u64,
     last_plan_check: Instant,
 }
 
@@ -609,6 +612,7 @@ impl Loop {
             pairing: false,
             plan_key: String::new(),
             max_epoch: 0,
+            rival_epoch: 0,
             last_plan_check: Instant::now(),
         }
     }
@@ -819,6 +823,9 @@ impl Loop {
         if let (Some(ring), Some(ad)) = (&self.s.ring, hb.ring) {
             if let Some(p) = &ad.plan {
                 self.max_epoch = self.max_epoch.max(p.epoch);
+                if p.coordinator != self.me.to_string() {
+                    self.rival_epoch = self.rival_epoch.max(p.epoch);
+                }
                 // Plans come from the device that made them, while it
                 // says it coordinates.
                 if p.coordinator == id && hb.coordinator == id && !hb.bye {
@@ -1026,7 +1033,10 @@ impl Loop {
         .unwrap_or_default();
         let current = ring.plan();
         let mine = current.as_ref().is_some_and(|p| p.coordinator == me);
-        if key == self.plan_key && mine && !force {
+        let outbid = current
+            .as_ref()
+            .is_some_and(|p| self.rival_epoch >= p.epoch);
+        if key == self.plan_key && mine && !outbid && !force {
             return Ok(());
         }
         self.plan_key = key;
@@ -1264,6 +1274,12 @@ impl Loop {
                 ram_mb: prof.as_ref().map(|p| p.ram_mb).unwrap_or(0),
                 this_device: false,
             });
+        }
+        if let Some(r) = &self.s.ring {
+            let mut e = r.elected.write().expect("elected");
+            if *e != view.coordinator {
+                *e = view.coordinator.clone();
+            }
         }
         let mut st = self.status.write().expect("status");
         st.epoch = self.membership.epoch();

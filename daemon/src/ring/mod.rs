@@ -148,6 +148,9 @@ pub struct Ring {
     pub peers: RwLock<HashMap<String, PeerAd>>,
     /// The pinned plan (on the coordinator).
     pub pin: RwLock<Option<Pin>>,
+    /// The coordinator this device's election view names (set by the
+    /// network loop).
+    pub elected: RwLock<String>,
     /// The model file of the plan being prepared.
     model_path: RwLock<Option<PathBuf>>,
     control: RwLock<Option<libp2p_stream::Control>>,
@@ -196,6 +199,7 @@ impl Ring {
             local: RwLock::new(RingAd::default()),
             peers: RwLock::new(HashMap::new()),
             pin: RwLock::new(None),
+            elected: RwLock::new(String::new()),
             model_path: RwLock::new(None),
             control: RwLock::new(None),
             next_req: AtomicU64::new(rand::random::<u32>() as u64),
@@ -304,7 +308,21 @@ impl Ring {
             tracing::warn!(epoch = plan.epoch, error = %e, "ignoring an invalid plan");
             return;
         }
-        if self.plan().is_some_and(|p| p.epoch >= plan.epoch) {
+        // A newer epoch wins. At an equal epoch (two devices coordinated at
+        // once while the election settled) the plan of the device now
+        // elected wins over one from anybody else.
+        let elected = self.elected.read().expect("elected").clone();
+        let take = match self.plan() {
+            None => true,
+            Some(p) if plan.epoch > p.epoch => true,
+            Some(p) => {
+                plan.epoch == p.epoch
+                    && plan.coordinator == elected
+                    && p.coordinator != elected
+                    && plan != p
+            }
+        };
+        if !take {
             return;
         }
         let rank = plan.rank_of(&self.me);
