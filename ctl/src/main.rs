@@ -1037,9 +1037,19 @@ fn print_plan(v: &Value, explain: bool) {
         println!("predicted {t:.1} ms per token");
     }
     println!(
-        "{:<4} {:<20} {:>6} {:>4} {:<28} {:>6} {:>7}",
-        "rank", "device", "window", "gpu", "layers", "share", "ready"
+        "{:<4} {:<20} {:>6} {:>4} {:<22} {:>4} {:>19} {:>10} {:>6} {:>5}",
+        "rank",
+        "device",
+        "window",
+        "gpu",
+        "layers",
+        "set",
+        "memory / budget",
+        "disk/token",
+        "share",
+        "ready"
     );
+    let mb = |v: &Value| v.as_u64().map(|b| format!("{:.0} MB", b as f64 / 1e6));
     for d in p["devices"].as_array().into_iter().flatten() {
         let layers: Vec<String> = d["layers"]
             .as_array()
@@ -1051,13 +1061,20 @@ fn print_plan(v: &Value, explain: bool) {
         if d["head"] == json!(true) {
             name.push_str(" (head)");
         }
+        let memory = match (mb(&d["ram_bytes"]), mb(&d["ram_budget_bytes"])) {
+            (Some(a), Some(b)) => format!("{a} / {b}"),
+            _ => "-".into(),
+        };
         println!(
-            "{:<4} {:<20} {:>6} {:>4} {:<28} {:>6} {:>7}",
+            "{:<4} {:<20} {:>6} {:>4} {:<22} {:>4} {:>19} {:>10} {:>6} {:>5}",
             d["rank"].to_string(),
             name,
             d["window"].to_string(),
             d["gpu_layers"].to_string(),
             layers.join(","),
+            d["set"].as_str().unwrap_or("-"),
+            memory,
+            mb(&d["disk_bytes_per_token"]).unwrap_or_else(|| "-".into()),
             d["share"]
                 .as_f64()
                 .map(|x| format!("{:.0}%", x * 100.0))

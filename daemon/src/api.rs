@@ -1110,6 +1110,10 @@ fn plan_json(p: &crate::cluster::net::PlanStatus) -> Value {
                 "layers": layers,
                 "ready": p.ready.get(rank).copied().unwrap_or(false),
                 "share": d.share,
+                "set": d.set,
+                "ram_bytes": d.ram_bytes,
+                "ram_budget_bytes": d.ram_budget_bytes,
+                "disk_bytes_per_token": d.disk_bytes_per_token,
             })
         })
         .collect();

@@ -10,6 +10,7 @@ pub mod modelprof;
 pub mod profiler;
 pub mod ring;
 pub mod serve;
+pub mod service;
 pub mod store;
 pub mod synth;
 pub mod worker;

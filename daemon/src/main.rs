@@ -71,6 +71,10 @@ enum Command {
     /// tokenizer) of a chosen shape and quantisation, to test big-model
     /// behaviour without downloads. llama.cpp loads these files too.
     Synth(SynthArgs),
+    /// Install, remove or inspect primad as this machine's system service
+    /// (systemd on Linux, launchd on macOS, the Windows service manager).
+    #[command(subcommand)]
+    Service(ServiceCmd),
     /// Test aid: act as this (stopped) device and send malformed gossip.
     #[command(hide = true)]
     DebugHostileGossip {
@@ -101,6 +105,26 @@ struct BenchArgs {
     /// Print JSON instead of text.
     #[arg(long)]
     json: bool,
+}
+
+#[derive(Subcommand)]
+enum ServiceCmd {
+    /// Install and start the service (idempotent; needs root/Administrator).
+    /// Linux: a `prima` system user, /var/lib/prima, /etc/prima/primad.toml
+    /// (kept if present) and /etc/systemd/system/primad.service.
+    Install,
+    /// Stop and remove the service; state and config stay unless --purge.
+    Uninstall {
+        /// Also remove the state (identity, household key, models), the
+        /// config and (Linux) the prima user.
+        #[arg(long)]
+        purge: bool,
+    },
+    /// Is it installed, enabled, running?
+    Status,
+    /// What the Windows service manager runs (not for direct use).
+    #[command(hide = true)]
+    Run,
 }
 
 #[derive(Args)]
@@ -336,6 +360,17 @@ fn tool(c: Command) -> Result<()> {
         Command::Plan(a) => plan(a),
         Command::Profile(a) => profile(a),
         Command::Synth(a) => synth(a),
+        Command::Service(c) => match c {
+            ServiceCmd::Install => primad::service::install(),
+            ServiceCmd::Uninstall { purge } => primad::service::uninstall(purge),
+            ServiceCmd::Status => primad::service::status(),
+            #[cfg(windows)]
+            ServiceCmd::Run => primad::service::run_as_service(),
+            #[cfg(not(windows))]
+            ServiceCmd::Run => anyhow::bail!(
+                "`primad service run` is for the Windows service manager; elsewhere run `primad`"
+            ),
+        },
     }
 }
 

@@ -209,7 +209,17 @@ async fn serve(cfg: Config) -> Result<()> {
     Ok(())
 }
 
+/// Set by a service manager's stop request (Windows); ctrl-c and SIGTERM
+/// work everywhere.
+static SHUTDOWN: tokio::sync::Notify = tokio::sync::Notify::const_new();
+
+/// Asks a running `serve` to shut down gracefully (as SIGTERM does).
+pub fn request_shutdown() {
+    SHUTDOWN.notify_one();
+}
+
 async fn shutdown_signal() {
+    let requested = SHUTDOWN.notified();
     let ctrl_c = async {
         let _ = tokio::signal::ctrl_c().await;
     };
@@ -227,6 +237,7 @@ async fn shutdown_signal() {
     tokio::select! {
         _ = ctrl_c => {},
         _ = term => {},
+        _ = requested => {},
     }
 }
 

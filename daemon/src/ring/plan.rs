@@ -31,6 +31,18 @@ pub struct PlanDevice {
     /// Halda's predicted share of the token time, when it planned.
     #[serde(default)]
     pub share: Option<f64>,
+    /// Halda's memory case (M1-M4, prima-spec 4.4), when it planned.
+    #[serde(default)]
+    pub set: Option<String>,
+    /// Memory the device would keep resident under the plan, and its
+    /// budget, in bytes (Halda's accounting), when it planned.
+    #[serde(default)]
+    pub ram_bytes: Option<u64>,
+    #[serde(default)]
+    pub ram_budget_bytes: Option<u64>,
+    /// Bytes Halda expects the device to re-read from disk per token.
+    #[serde(default)]
+    pub disk_bytes_per_token: Option<u64>,
 }
 
 /// A device left out of the plan, and why.
@@ -245,6 +257,10 @@ mod tests {
                     window: w,
                     gpu_layers: 0,
                     share: None,
+                    set: None,
+                    ram_bytes: None,
+                    ram_budget_bytes: None,
+                    disk_bytes_per_token: None,
                 })
                 .collect(),
             tpot_ms: None,

@@ -102,6 +102,10 @@ pub fn make_plan(r: &Request) -> Result<RingPlan, String> {
                 window: *w,
                 gpu_layers: 0,
                 share: None,
+                set: None,
+                ram_bytes: None,
+                ram_budget_bytes: None,
+                disk_bytes_per_token: None,
             });
         }
         let dropped = r
@@ -169,12 +173,19 @@ pub fn make_plan(r: &Request) -> Result<RingPlan, String> {
     }
     let devices_out = order
         .iter()
-        .map(|&i| PlanDevice {
-            id: r.candidates[i].id.clone(),
-            name: r.candidates[i].name.clone(),
-            window: hp.devices[i].window,
-            gpu_layers: hp.devices[i].gpu_layers,
-            share: Some(hp.devices[i].time_share),
+        .map(|&i| {
+            let d = &hp.devices[i];
+            PlanDevice {
+                id: r.candidates[i].id.clone(),
+                name: r.candidates[i].name.clone(),
+                window: d.window,
+                gpu_layers: d.gpu_layers,
+                share: Some(d.time_share),
+                set: d.set.map(|s| s.to_string()),
+                ram_bytes: Some(d.memory.ram_demand_bytes as u64),
+                ram_budget_bytes: Some(d.memory.ram_budget_bytes as u64),
+                disk_bytes_per_token: Some(d.memory.disk_bytes_per_token as u64),
+            }
         })
         .collect();
     let dropped = hp
