@@ -13,6 +13,7 @@ use std::{
 
 use serde_json::Value;
 
+pub mod household;
 pub mod netns;
 
 /// The optimised binaries under test (`cargo build --release --bins`).

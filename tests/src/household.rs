@@ -1,0 +1,114 @@
+//! A household of three daemons in network namespaces serving one model,
+//! and what the ring and healing tests ask of it.
+
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use crate::{
+    model,
+    netns::{Hosts, NsDaemon},
+};
+
+/// The config of device `i` (named dev{i}) serving `model_name`, in an open
+/// household (pairing is tested elsewhere), with a 4 s ring deadline.
+pub fn config(i: usize, model_name: &str, extra: &str) -> String {
+    format!(
+        "[node]\nname = \"dev{i}\"\n[model]\ndefault = \"{model_name}\"\n\
+         [cluster]\nopen_household = true\n\
+         [ring]\nauto_profile = false\ntimeout_ms = 4000\n{extra}"
+    )
+}
+
+pub fn status(d: &NsDaemon) -> Value {
+    let t = Instant::now();
+    loop {
+        if let Some(s) = d.status() {
+            return s;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "daemon did not answer:\n{}",
+            d.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Starts three daemons serving `file` as `name`, each with the model
+/// registered, and waits until they form one household.
+pub fn household(hosts: &Hosts, file: &str, name: &str, extra: &str) -> Vec<NsDaemon> {
+    let ds: Vec<NsDaemon> = (0..3)
+        .map(|i| NsDaemon::start(hosts, i, &config(i, name, extra)))
+        .collect();
+    let path = model(file);
+    for d in &ds {
+        status(d);
+        let o = d.ctl(&["models", "add", path.to_str().unwrap(), "--name", name]);
+        assert!(o.status.success(), "models add: {o:?}");
+    }
+    let t = Instant::now();
+    loop {
+        let alive: Vec<usize> = ds
+            .iter()
+            .map(|d| {
+                status(d)["cluster"]["devices"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .filter(|x| x["state"] == "alive")
+                    .count()
+            })
+            .collect();
+        // ... and the coordinator has made a first plan (all hold the model).
+        let planned = ds.iter().all(|d| !status(d)["plan"]["devices"].is_null());
+        if alive.iter().all(|&n| n == 3) && planned {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "no household of 3: {alive:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    ds
+}
+
+pub fn coordinator(ds: &[NsDaemon]) -> usize {
+    let s = status(&ds[0]);
+    let c = s["cluster"]["coordinator"].as_str().unwrap().to_string();
+    ds.iter()
+        .position(|d| status(d)["node"]["id"] == c.as_str())
+        .expect("the coordinator is one of ours")
+}
+
+/// Waits until every daemon follows one live plan satisfying `f`; returns it.
+pub fn wait_live(ds: &[NsDaemon], what: &str, f: impl Fn(&Value) -> bool) -> Value {
+    let t = Instant::now();
+    loop {
+        let plans: Vec<Value> = ds.iter().map(|d| status(d)["plan"].clone()).collect();
+        let same = plans.iter().all(|p| p["epoch"] == plans[0]["epoch"]);
+        if same && plans.iter().all(|p| p["live"] == true && f(p)) {
+            return plans[0].clone();
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "no live plan ({what}) after 30 s: {plans:#?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+pub fn windows(p: &Value) -> Vec<(String, u64)> {
+    p["devices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| {
+            (
+                d["node"].as_str().unwrap().to_string(),
+                d["window"].as_u64().unwrap(),
+            )
+        })
+        .collect()
+}
