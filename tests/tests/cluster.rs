@@ -5,7 +5,10 @@
 
 use std::time::{Duration, Instant};
 
-use prima_tests::netns::{Hosts, NsDaemon};
+use prima_tests::{
+    household::status,
+    netns::{Hosts, NsDaemon},
+};
 use serde_json::Value;
 
 const OPEN: &str = "[cluster]\nopen_household = true\n";
@@ -82,28 +85,13 @@ fn pair(member: &NsDaemon, joiner: &NsDaemon) {
     );
 }
 
-fn wait_status(d: &NsDaemon) -> Value {
-    let t = Instant::now();
-    loop {
-        if let Some(s) = d.status() {
-            return s;
-        }
-        assert!(
-            t.elapsed() < Duration::from_secs(20),
-            "daemon did not start:\n{}",
-            d.log()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 #[test]
 fn household_forms_survives_a_dead_coordinator_and_takes_it_back() {
     let hosts = Hosts::create(3).expect("hosts");
     let mut ds: Vec<NsDaemon> = (0..3)
         .map(|i| NsDaemon::start(&hosts, i, &config(&format!("dev{i}"), "")))
         .collect();
-    let ids: Vec<String> = ds.iter().map(|d| id(&wait_status(d))).collect();
+    let ids: Vec<String> = ds.iter().map(|d| id(&status(d))).collect();
     // Pairing, end to end with the codes.
     let t = Instant::now();
     pair(&ds[0], &ds[1]);
@@ -124,7 +112,7 @@ fn household_forms_survives_a_dead_coordinator_and_takes_it_back() {
         d.spawn(&hosts);
     }
     for d in &ds {
-        wait_status(d);
+        status(d);
     }
     let up = t0.elapsed();
     let refs: Vec<&NsDaemon> = ds.iter().collect();
@@ -182,7 +170,7 @@ fn a_cut_link_is_dead_then_alive_again() {
     let ds: Vec<NsDaemon> = (0..2)
         .map(|i| NsDaemon::start(&hosts, i, &config(&format!("dev{i}"), OPEN)))
         .collect();
-    let ids: Vec<String> = ds.iter().map(|d| id(&wait_status(d))).collect();
+    let ids: Vec<String> = ds.iter().map(|d| id(&status(d))).collect();
     let refs: Vec<&NsDaemon> = ds.iter().collect();
     wait_agreement(&refs, &ids, Duration::from_secs(10));
     hosts.set_link(1, false).unwrap();
@@ -218,8 +206,8 @@ fn an_unpaired_device_cannot_join() {
     let members: Vec<NsDaemon> = (0..2)
         .map(|i| NsDaemon::start(&hosts, i, &config(&format!("dev{i}"), "")))
         .collect();
-    wait_status(&members[0]);
-    wait_status(&members[1]);
+    status(&members[0]);
+    status(&members[1]);
     pair(&members[0], &members[1]);
     // The stranger has a household of its own, and even dials a member directly.
     let stranger = NsDaemon::start(
@@ -233,8 +221,8 @@ fn an_unpaired_device_cannot_join() {
             ),
         ),
     );
-    let ids: Vec<String> = members.iter().map(|d| id(&wait_status(d))).collect();
-    let sid = id(&wait_status(&stranger));
+    let ids: Vec<String> = members.iter().map(|d| id(&status(d))).collect();
+    let sid = id(&status(&stranger));
     let refs: Vec<&NsDaemon> = members.iter().collect();
     wait_agreement(&refs, &ids, Duration::from_secs(10));
     // Give discovery and the stranger's dials time to happen.
@@ -276,7 +264,7 @@ fn wrong_codes_fail_and_close_the_offer_then_removal_locks_out() {
     let ds: Vec<NsDaemon> = (0..2)
         .map(|i| NsDaemon::start(&hosts, i, &config(&format!("dev{i}"), "")))
         .collect();
-    let ids: Vec<String> = ds.iter().map(|d| id(&wait_status(d))).collect();
+    let ids: Vec<String> = ds.iter().map(|d| id(&status(d))).collect();
     let o = ds[0].ctl(&["pair", "--no-wait"]);
     let out = String::from_utf8_lossy(&o.stdout).into_owned();
     let code = out
@@ -358,7 +346,7 @@ fn malformed_gossip_from_a_paired_device_is_dropped() {
     let mut ds: Vec<NsDaemon> = (0..3)
         .map(|i| NsDaemon::start(&hosts, i, &config(&format!("dev{i}"), "")))
         .collect();
-    let ids: Vec<String> = ds.iter().map(|d| id(&wait_status(d))).collect();
+    let ids: Vec<String> = ds.iter().map(|d| id(&status(d))).collect();
     pair(&ds[0], &ds[1]);
     pair(&ds[0], &ds[2]);
     let refs: Vec<&NsDaemon> = ds.iter().collect();

@@ -27,25 +27,7 @@ fn ring_stat(d: &NsDaemon, key: &str) -> u64 {
 /// for it to be live everywhere, asks through device `ask_on` and checks the
 /// answer against `want`.
 fn check_plan(ds: &[NsDaemon], k: u32, plan: &[(&str, u32)], ask_on: usize, want: &str) {
-    let c = coordinator(ds);
-    let mut args: Vec<String> = vec!["plan".into(), "set".into(), "--k".into(), k.to_string()];
-    args.extend(plan.iter().map(|(n, w)| format!("{n}={w}")));
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    // Right after start-up a device's model may not have reached the
-    // coordinator yet: the pin is refused, saying so; try again.
-    let t = Instant::now();
-    loop {
-        let o = ds[c].ctl(&args);
-        if o.status.success() {
-            break;
-        }
-        let err = String::from_utf8_lossy(&o.stderr);
-        assert!(
-            err.contains("not live or does not hold") && t.elapsed() < Duration::from_secs(10),
-            "plan set: {o:?}"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    pin(ds, k, plan);
     let want_windows: Vec<(String, u64)> = plan
         .iter()
         .map(|(n, w)| (n.to_string(), *w as u64))
@@ -133,13 +115,27 @@ fn gemma3_through_the_ring_equals_one_device() {
     check_plan(&ds, 1, &[("dev2", 11), ("dev1", 7)], 0, &want);
 }
 
+/// Pins `plan` (k, [(device, window)], head first) on the coordinator.
 fn pin(ds: &[NsDaemon], k: u32, plan: &[(&str, u32)]) {
     let c = coordinator(ds);
     let mut args: Vec<String> = vec!["plan".into(), "set".into(), "--k".into(), k.to_string()];
     args.extend(plan.iter().map(|(n, w)| format!("{n}={w}")));
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let o = ds[c].ctl(&args);
-    assert!(o.status.success(), "plan set: {o:?}");
+    // Right after start-up a device's model may not have reached the
+    // coordinator yet: the pin is refused, saying so; try again.
+    let t = Instant::now();
+    loop {
+        let o = ds[c].ctl(&args);
+        if o.status.success() {
+            break;
+        }
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            err.contains("not live or does not hold") && t.elapsed() < Duration::from_secs(10),
+            "plan set: {o:?}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }
 
 #[test]

@@ -45,6 +45,23 @@ pub struct PlanDevice {
     pub disk_bytes_per_token: Option<u64>,
 }
 
+impl PlanDevice {
+    /// A device with a window and nothing Halda would add.
+    pub fn new(id: impl Into<String>, name: impl Into<String>, window: u32) -> Self {
+        Self {
+            id: id.into(),
+            name: name.into(),
+            window,
+            gpu_layers: 0,
+            share: None,
+            set: None,
+            ram_bytes: None,
+            ram_budget_bytes: None,
+            disk_bytes_per_token: None,
+        }
+    }
+}
+
 /// A device left out of the plan, and why.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -251,17 +268,7 @@ mod tests {
             devices: windows
                 .iter()
                 .enumerate()
-                .map(|(i, &w)| PlanDevice {
-                    id: format!("p{i}"),
-                    name: format!("d{i}"),
-                    window: w,
-                    gpu_layers: 0,
-                    share: None,
-                    set: None,
-                    ram_bytes: None,
-                    ram_budget_bytes: None,
-                    disk_bytes_per_token: None,
-                })
+                .map(|(i, &w)| PlanDevice::new(format!("p{i}"), format!("d{i}"), w))
                 .collect(),
             tpot_ms: None,
             pinned: false,

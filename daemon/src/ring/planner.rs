@@ -96,17 +96,7 @@ pub fn make_plan(r: &Request) -> Result<RingPlan, String> {
                 .ok_or_else(|| {
                     format!("the pinned device '{name}' is not live or does not hold the model")
                 })?;
-            devices.push(PlanDevice {
-                id: c.id.clone(),
-                name: c.name.clone(),
-                window: *w,
-                gpu_layers: 0,
-                share: None,
-                set: None,
-                ram_bytes: None,
-                ram_budget_bytes: None,
-                disk_bytes_per_token: None,
-            });
+            devices.push(PlanDevice::new(c.id.clone(), c.name.clone(), *w));
         }
         let dropped = r
             .candidates
