@@ -153,6 +153,9 @@ pub struct Ring {
     pub elected: RwLock<String>,
     /// The model file of the plan being prepared.
     model_path: RwLock<Option<PathBuf>>,
+    /// The model file as mapped for `resident()` (status calls), kept so a
+    /// status call does not parse the GGUF header each time.
+    status_map: Mutex<Option<(PathBuf, Arc<prima_kernels::gguf::Gguf>)>>,
     control: RwLock<Option<libp2p_stream::Control>>,
     next_req: AtomicU64,
     max_payload: AtomicUsize,
@@ -201,6 +204,7 @@ impl Ring {
             pin: RwLock::new(None),
             elected: RwLock::new(String::new()),
             model_path: RwLock::new(None),
+            status_map: Mutex::new(None),
             control: RwLock::new(None),
             next_req: AtomicU64::new(rand::random::<u32>() as u64),
             max_payload: AtomicUsize::new(0),
@@ -245,7 +249,17 @@ impl Ring {
         let plan = self.plan()?;
         let rank = plan.rank_of(&self.me)?;
         let path = self.model_file()?;
-        let file = prima_kernels::gguf::Gguf::open(path).ok()?;
+        let file = {
+            let mut cache = self.status_map.lock().expect("status map");
+            match &*cache {
+                Some((p, f)) if *p == path => f.clone(),
+                _ => {
+                    let f = Arc::new(prima_kernels::gguf::Gguf::open(&path).ok()?);
+                    *cache = Some((path, f.clone()));
+                    f
+                }
+            }
+        };
         Some(
             plan.windows(rank)
                 .into_iter()
