@@ -713,7 +713,38 @@ fn status(api: &Api, json: bool, verbose: bool) -> Result<()> {
         l["invalid"],
         l["rejected"]
     );
+    print_events(&v["events"], if verbose { usize::MAX } else { 8 });
     Ok(())
+}
+
+/// The household's recent events (joins, failures, plans, resumed
+/// answers), newest last, with how long each took.
+fn print_events(events: &Value, n: usize) {
+    let Some(list) = events.as_array().filter(|l| !l.is_empty()) else {
+        return;
+    };
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0);
+    println!(
+        "events  (last {} of {}; --verbose shows all)",
+        n.min(list.len()),
+        list.len()
+    );
+    for e in list.iter().skip(list.len().saturating_sub(n)) {
+        let ago = now.saturating_sub(e["at_ms"].as_u64().unwrap_or(0)) / 1000;
+        let took = e["took_ms"]
+            .as_u64()
+            .map(|t| format!(" ({t} ms)"))
+            .unwrap_or_default();
+        println!(
+            "        {:>6} ago  {:<8} {}{took}",
+            human_secs(ago),
+            s(&e["kind"]),
+            s(&e["text"])
+        );
+    }
 }
 
 fn pair(api: &Api, no_wait: bool) -> Result<()> {

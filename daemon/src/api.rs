@@ -311,6 +311,7 @@ impl AppState {
                 max_tokens: max_tokens.map(|n| n.min(1 << 20) as usize),
                 stop,
                 sampler,
+                resume: None,
             },
             stream: c.stream.unwrap_or(false),
             include_usage: c.stream_options.unwrap_or_default().include_usage,
@@ -446,7 +447,7 @@ async fn run_request(st: Arc<AppState>, c: Common, prompt: Prompt, kind: Kind) -
     let mut text = String::new();
     loop {
         match rx.recv().await {
-            Some(Event::Text(t)) => text.push_str(&t),
+            Some(Event::Text(t, _)) => text.push_str(&t),
             Some(Event::Done {
                 finish,
                 prompt_tokens,
@@ -579,7 +580,7 @@ fn sse_stream(
                 return None;
             }
             match s.rx.recv().await {
-                Some(Event::Text(t)) => s.pending.push_back(data(&s.meta.text(&t))),
+                Some(Event::Text(t, _)) => s.pending.push_back(data(&s.meta.text(&t))),
                 Some(Event::Started { .. }) => {}
                 Some(Event::Done {
                     finish,
@@ -693,7 +694,9 @@ async fn status(State(st): St) -> Result<Json<Value>, ApiError> {
             "rejected": s.rejected.load(Ordering::Relaxed),
             "prompt_tokens": s.prompt_tokens.load(Ordering::Relaxed),
             "completion_tokens": s.completion_tokens.load(Ordering::Relaxed),
+            "failovers": s.failovers.load(Ordering::Relaxed),
         },
+        "events": crate::events::recent(64),
     })))
 }
 

@@ -6,6 +6,7 @@ pub mod api;
 pub mod catalog;
 pub mod cluster;
 pub mod error;
+pub mod events;
 pub mod modelprof;
 pub mod profiler;
 pub mod ring;

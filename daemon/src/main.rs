@@ -500,19 +500,24 @@ fn generate(a: GenerateArgs) -> Result<()> {
         max_tokens: a.max_tokens,
         stop: a.stop.clone(),
         ctx: a.ctx,
+        ..Default::default()
     };
     let mut out = std::io::stdout().lock();
     let mut write_err = None;
-    let g = engine::generate(&model, &tok, &ids, &params, &mut sampler, |piece| match out
-        .write_all(piece.as_bytes())
-        .and_then(|_| out.flush())
-    {
-        Ok(()) => true,
-        Err(e) => {
-            write_err = Some(e);
-            false
-        }
-    })?;
+    let g = engine::generate(
+        &model,
+        &tok,
+        &ids,
+        &params,
+        &mut sampler,
+        |piece, _| match out.write_all(piece.as_bytes()).and_then(|_| out.flush()) {
+            Ok(()) => true,
+            Err(e) => {
+                write_err = Some(e);
+                false
+            }
+        },
+    )?;
     if let Some(e) = write_err {
         return Err(e).context("writing to stdout");
     }

@@ -47,7 +47,22 @@ pub struct GenRequest {
     pub max_tokens: Option<usize>,
     pub stop: Vec<String>,
     pub sampler: SamplerConfig,
+    /// An answer another head began and lost: go on after it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resume: Option<Resume>,
 }
+
+/// The part of an answer that already reached the client.
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+pub struct Resume {
+    /// Every token generated so far (some may still be held back as text).
+    pub ids: Vec<u32>,
+    /// Bytes of their text the client has.
+    pub emitted: usize,
+}
+
+/// Most times one request moves to a new head after the ring failed under it.
+const MAX_FAILOVERS: u32 = 3;
 
 #[derive(Debug)]
 pub enum Event {
@@ -55,7 +70,8 @@ pub enum Event {
     Started {
         prompt_tokens: usize,
     },
-    Text(String),
+    /// A piece of the answer and the tokens generated since the last piece.
+    Text(String, Vec<u32>),
     Done {
         finish: &'static str,
         prompt_tokens: usize,
@@ -84,6 +100,8 @@ pub struct Stats {
     pub running: AtomicU64,
     pub prompt_tokens: AtomicU64,
     pub completion_tokens: AtomicU64,
+    /// Requests that moved to a new head after the ring failed under them.
+    pub failovers: AtomicU64,
 }
 
 #[derive(Clone, Default, serde::Serialize)]
@@ -278,7 +296,20 @@ fn load(entry: &ModelEntry) -> Result<LoadedModel, ApiError> {
     })
 }
 
+/// What the client of a job has been sent: enough for another head to
+/// resume the answer.
+#[derive(Default)]
+struct Progress {
+    started: bool,
+    resume: Resume,
+}
+
 /// Runs one job; returns the final event to send, None when it was cancelled.
+///
+/// When the ring fails under the answer (its head died, or the ring could
+/// not heal in time), the job waits for the coordinator's next plan and
+/// resumes on its head from the tokens the client already has: the client
+/// sees a pause, not an error.
 fn serve(
     loaded: &mut Option<LoadedModel>,
     job: &Job,
@@ -286,13 +317,69 @@ fn serve(
     stats: &Stats,
     abort: &AtomicBool,
 ) -> Result<Option<Event>, ApiError> {
-    let route = match &settings.ring {
-        Some((ring, _)) => ring.route(&job.model.sha256),
-        None => Route::Local,
+    let mut progress = Progress {
+        started: false,
+        resume: job.req.resume.clone().unwrap_or_default(),
     };
-    if let (Route::Forward(plan), Some((ring, handle))) = (&route, &settings.ring) {
-        return forward(ring, handle, plan, job, stats);
+    let mut failovers = 0;
+    loop {
+        let route = match &settings.ring {
+            Some((ring, _)) => ring.route(&job.model.sha256),
+            None => Route::Local,
+        };
+        let epoch = match &route {
+            Route::Head(p) | Route::Forward(p) => p.epoch,
+            Route::Local => 0,
+        };
+        let out = match (&route, &settings.ring) {
+            (Route::Forward(plan), Some((ring, handle))) => {
+                forward(ring, handle, plan, job, stats, &mut progress)
+            }
+            _ => serve_here(loaded, job, settings, stats, abort, &route, &mut progress),
+        };
+        match (out, &settings.ring) {
+            (Err(e), Some((ring, _)))
+                if e.code == Some("ring_failed")
+                    && failovers < MAX_FAILOVERS
+                    && !job.events.is_closed()
+                    && !abort.load(Ordering::Relaxed) =>
+            {
+                failovers += 1;
+                let t = Instant::now();
+                tracing::warn!(error = %e, epoch, tokens = progress.resume.ids.len(),
+                    "the ring failed under the answer: waiting for the next plan to resume it");
+                // A dead head is noticed after `dead_after`; if it was the
+                // coordinator too, a new one is elected first.
+                let wait = ring.dead_after * 3 + ring.settings.timeout;
+                if !ring.wait_for_plan_after(epoch, wait) {
+                    return Err(e);
+                }
+                stats.failovers.fetch_add(1, Ordering::Relaxed);
+                crate::events::record(
+                    "failover",
+                    format!(
+                        "answer moves to the new plan's head with {} tokens kept ({})",
+                        progress.resume.ids.len(),
+                        e.message
+                    ),
+                    Some(t.elapsed()),
+                );
+            }
+            (out, _) => return out,
+        }
     }
+}
+
+/// Answers a job on this device: alone, or as the head of the ring.
+fn serve_here(
+    loaded: &mut Option<LoadedModel>,
+    job: &Job,
+    settings: &Settings,
+    stats: &Stats,
+    abort: &AtomicBool,
+    route: &Route,
+    progress: &mut Progress,
+) -> Result<Option<Event>, ApiError> {
     let stale = loaded
         .as_ref()
         .is_none_or(|l| l.entry.path != job.model.path || l.entry.sha256 != job.model.sha256);
@@ -333,30 +420,57 @@ fn serve(
         .max_tokens
         .unwrap_or(settings.default_max_tokens)
         .min(room);
-    if job
-        .events
-        .send(Event::Started {
-            prompt_tokens: ids.len(),
-        })
-        .is_err()
-    {
-        return Ok(None);
+    let resume = &progress.resume;
+    if let Some(&bad) = resume.ids.iter().find(|&&t| t as usize >= tok.n_vocab()) {
+        return Err(ApiError::bad_request(format!(
+            "the answer to resume holds token {bad}, outside the vocabulary of {}",
+            tok.n_vocab()
+        )));
+    }
+    if resume.ids.len() >= room {
+        return Err(ApiError::bad_request(format!(
+            "the answer to resume ({} tokens) leaves no room in the context",
+            resume.ids.len()
+        ))
+        .code("context_length_exceeded"));
+    }
+    if !progress.started {
+        if job
+            .events
+            .send(Event::Started {
+                prompt_tokens: ids.len(),
+            })
+            .is_err()
+        {
+            return Ok(None);
+        }
+        progress.started = true;
     }
     let params = GenerateParams {
         max_tokens,
         stop: job.req.stop.clone(),
         ctx,
+        resume: resume.ids.clone(),
+        resume_emitted: resume.emitted,
     };
     let mut sampler = Sampler::new(job.req.sampler.clone());
     let mut cancelled = false;
-    let on_text = |piece: &str| {
-        if abort.load(Ordering::Relaxed) || job.events.send(Event::Text(piece.into())).is_err() {
+    let kept = &mut progress.resume;
+    let on_text = |piece: &str, new: &[u32]| {
+        kept.ids.extend_from_slice(new);
+        kept.emitted += piece.len();
+        if abort.load(Ordering::Relaxed)
+            || job
+                .events
+                .send(Event::Text(piece.into(), new.to_vec()))
+                .is_err()
+        {
             cancelled = true;
             return false;
         }
         true
     };
-    let g = match (&route, &settings.ring) {
+    let g = match (route, &settings.ring) {
         (Route::Head(plan), Some((ring, _))) => {
             ring.stats.head_requests.fetch_add(1, Ordering::Relaxed);
             let mut session = ring.session(plan.clone(), ctx);
@@ -404,9 +518,31 @@ fn forward(
     plan: &crate::ring::plan::RingPlan,
     job: &Job,
     stats: &Stats,
+    progress: &mut Progress,
 ) -> Result<Option<Event>, ApiError> {
     let head = &plan.devices[0].name;
-    match ring.forward_blocking(handle, plan, &job.req, &job.events) {
+    let mut req = job.req.clone();
+    if !progress.resume.ids.is_empty() {
+        req.resume = Some(progress.resume.clone());
+    }
+    let relay = |ev: AskEvent| match ev {
+        AskEvent::Started { prompt_tokens } => {
+            // A head that resumes the answer starts again; the client
+            // heard the start once.
+            if progress.started {
+                return true;
+            }
+            progress.started = true;
+            job.events.send(Event::Started { prompt_tokens }).is_ok()
+        }
+        AskEvent::Text { text, ids } => {
+            progress.resume.ids.extend_from_slice(&ids);
+            progress.resume.emitted += text.len();
+            job.events.send(Event::Text(text, ids)).is_ok()
+        }
+        _ => true,
+    };
+    match ring.forward_blocking(handle, plan, &req, relay) {
         Ok(Some(AskEvent::Done {
             finish,
             prompt_tokens,
@@ -425,14 +561,23 @@ fn forward(
                 completion_tokens,
             }))
         }
-        Ok(Some(AskEvent::Failed { status, message })) => {
+        Ok(Some(AskEvent::Failed {
+            status,
+            message,
+            code,
+        })) => {
             let status = StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY);
             let kind = if status.is_client_error() {
                 "invalid_request_error"
             } else {
                 "server_error"
             };
-            Err(ApiError::new(status, kind, message))
+            let e = ApiError::new(status, kind, message);
+            // The head's ring failed: another head may resume the answer.
+            match code.as_deref() {
+                Some("ring_failed") => Err(e.code("ring_failed")),
+                _ => Err(e),
+            }
         }
         Ok(Some(_)) | Ok(None) => Ok(None),
         Err(e) => {

@@ -73,11 +73,18 @@ impl FinishReason {
 }
 
 /// What to generate.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct GenerateParams {
+    /// Most tokens in the answer (resumed ones included).
     pub max_tokens: usize,
     pub stop: Vec<String>,
     pub ctx: usize,
+    /// Tokens of an answer begun elsewhere (a device that failed over):
+    /// they are evaluated after the prompt and the answer goes on from them.
+    pub resume: Vec<u32>,
+    /// Bytes of the resumed tokens' text that were already delivered; only
+    /// what follows is passed to `on_text`.
+    pub resume_emitted: usize,
 }
 
 /// The outcome of a generation.
@@ -132,17 +139,19 @@ pub fn check_prompt(prompt_ids: &[u32], ctx: usize) -> Result<(), ModelError> {
 
 /// Generates from `prompt_ids`, calling `on_text` with each new piece of
 /// text as soon as it is complete UTF-8 (and cannot be the start of a stop
-/// string). Returning `false` from `on_text` cancels.
+/// string), along with the tokens generated since the previous call (what
+/// another device needs to resume the answer). Returning `false` from
+/// `on_text` cancels.
 pub fn generate(
     model: &Model,
     tok: &Tokenizer,
     prompt_ids: &[u32],
     params: &GenerateParams,
     sampler: &mut Sampler,
-    on_text: impl FnMut(&str) -> bool,
+    on_text: impl FnMut(&str, &[u32]) -> bool,
 ) -> Result<Generation, ModelError> {
     let ctx = params.ctx.min(model.config.ctx_train).max(1);
-    check_prompt(prompt_ids, ctx)?;
+    check_prompt(prompt_ids, ctx.saturating_sub(params.resume.len()))?;
     let mut session = Session::new(model, ctx);
     generate_with(&mut session, tok, prompt_ids, params, sampler, on_text)
 }
@@ -154,17 +163,23 @@ pub fn generate_with<E: Evaluator>(
     prompt_ids: &[u32],
     params: &GenerateParams,
     sampler: &mut Sampler,
-    mut on_text: impl FnMut(&str) -> bool,
+    mut on_text: impl FnMut(&str, &[u32]) -> bool,
 ) -> Result<Generation, E::Error> {
+    let mut history = prompt_ids.to_vec();
+    history.extend_from_slice(&params.resume);
     let t0 = Instant::now();
-    let mut logits = session.eval_last(prompt_ids)?;
+    let mut logits = session.eval_last(&history)?;
     let prefill_time = t0.elapsed();
     let t1 = Instant::now();
 
-    let mut history = prompt_ids.to_vec();
-    let mut ids = Vec::new();
-    let mut bytes: Vec<u8> = Vec::new();
-    let mut emitted = 0usize; // bytes of `bytes` already passed to on_text
+    let mut ids = params.resume.clone();
+    let mut bytes: Vec<u8> = ids
+        .iter()
+        .flat_map(|&t| tok.token_bytes(t, false))
+        .collect();
+    // Bytes of `bytes` already passed on (here or before the resume).
+    let mut emitted = params.resume_emitted.min(bytes.len());
+    let mut reported = ids.len(); // tokens of `ids` already passed on
     let mut finish = FinishReason::Length;
     let max_stop = params.stop.iter().map(String::len).max().unwrap_or(0);
     while ids.len() < params.max_tokens {
@@ -202,7 +217,9 @@ pub fn generate_with<E: Evaluator>(
         let upto = valid - hold;
         if upto > emitted {
             let piece = std::str::from_utf8(&bytes[emitted..upto]).expect("validated");
-            if !on_text(piece) {
+            let new = &ids[reported..];
+            reported = ids.len();
+            if !on_text(piece, new) {
                 finish = FinishReason::Stop;
                 break;
             }
@@ -216,7 +233,7 @@ pub fn generate_with<E: Evaluator>(
     }
     let text = String::from_utf8_lossy(&bytes).into_owned();
     if text.len() > emitted {
-        on_text(&text[emitted.min(text.len())..]);
+        on_text(&text[emitted.min(text.len())..], &ids[reported..]);
     }
     Ok(Generation {
         prompt_ids: prompt_ids.to_vec(),

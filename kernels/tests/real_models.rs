@@ -357,3 +357,51 @@ fn gemma_without_template_uses_its_turn_format() {
     assert_eq!(tok.token_text(eot), Some("<end_of_turn>"));
     assert!(tok.is_eog(eot), "<end_of_turn> must end generation");
 }
+
+/// An answer resumed from its first tokens (a device failing over to
+/// another) goes on exactly as the uninterrupted one: the same tokens, and
+/// the text not yet delivered, no byte twice.
+#[test]
+fn a_resumed_answer_continues_the_interrupted_one() {
+    use prima_kernels::{engine::GenerateParams, Sampler, SamplerConfig};
+    let (m, tok) = load(SMOL);
+    let prompt = tok.encode("Once upon a time", true, false).unwrap();
+    let greedy = || Sampler::new(SamplerConfig::default()); // temperature 0
+    let params = GenerateParams {
+        max_tokens: 40,
+        ctx: 256,
+        ..Default::default()
+    };
+    let mut pieces: Vec<(String, Vec<u32>)> = Vec::new();
+    let full = engine::generate(&m, &tok, &prompt, &params, &mut greedy(), |p, ids| {
+        pieces.push((p.to_string(), ids.to_vec()));
+        true
+    })
+    .unwrap();
+    assert_eq!(full.ids.len(), 40);
+    let streamed: Vec<u32> = pieces.iter().flat_map(|(_, i)| i.clone()).collect();
+    assert_eq!(streamed, full.ids, "every token is reported once, in order");
+    // Cut after some pieces, as a forwarding device saw them.
+    let cut = pieces.len() / 3;
+    let seen_ids: Vec<u32> = pieces[..cut].iter().flat_map(|(_, i)| i.clone()).collect();
+    let seen_text: String = pieces[..cut].iter().map(|(p, _)| p.as_str()).collect();
+    let mut rest = String::new();
+    let resumed = engine::generate(
+        &m,
+        &tok,
+        &prompt,
+        &GenerateParams {
+            resume: seen_ids,
+            resume_emitted: seen_text.len(),
+            ..params.clone()
+        },
+        &mut greedy(),
+        |p, _| {
+            rest.push_str(p);
+            true
+        },
+    )
+    .unwrap();
+    assert_eq!(resumed.ids, full.ids);
+    assert_eq!(format!("{seen_text}{rest}"), full.text);
+}

@@ -139,7 +139,7 @@ fn pin(ds: &[NsDaemon], k: u32, plan: &[(&str, u32)]) {
 }
 
 #[test]
-fn replans_mid_answer_replay_and_a_silent_hop_fails_within_the_deadline() {
+fn replans_mid_answer_replay_and_a_frozen_device_is_planned_around() {
     let hosts = Hosts::create(3).expect("hosts");
     let ds = household(&hosts, SMOLLM2, "smollm2-135m", "");
     let want = generate(&model(SMOLLM2), QUESTION, N, true);
@@ -183,10 +183,12 @@ fn replans_mid_answer_replay_and_a_silent_hop_fails_within_the_deadline() {
     );
 
     // A long answer starts; then dev1 freezes mid-answer: its connections
-    // stay open, it never answers again.
-    let asker = std::thread::scope(|sc| {
-        let h =
-            sc.spawn(|| ds[0].ctl(&["ask", "--raw", "-t", "0", "-n", "2000", "Once upon a time"]));
+    // stay open, it never answers again. It is declared dead, the ring is
+    // planned around it (its pin cannot hold: Halda plans until it is
+    // back), the head replays, and the answer completes, unchanged.
+    let want_long = generate(&model(SMOLLM2), raw, 300, false);
+    let (o, took) = std::thread::scope(|sc| {
+        let h = sc.spawn(|| ds[0].ctl(&["ask", "--raw", "-t", "0", "-n", "300", raw]));
         std::thread::sleep(Duration::from_millis(1500));
         ds[1].signal("STOP");
         let t = Instant::now();
@@ -194,21 +196,14 @@ fn replans_mid_answer_replay_and_a_silent_hop_fails_within_the_deadline() {
         (o, t.elapsed())
     });
     ds[1].signal("CONT");
-    let (o, took) = asker;
     let err = String::from_utf8_lossy(&o.stderr).into_owned();
-    eprintln!(
-        "after {} bytes of answer, failed {took:?} after the freeze: {err}",
-        o.stdout.len()
-    );
-    assert!(!o.stdout.is_empty(), "the answer had started");
+    eprintln!("answer done {took:?} after dev1 froze");
     assert!(
-        !o.status.success(),
-        "the answer cannot complete without dev1"
+        o.status.success(),
+        "the ring heals around a frozen device: {err}"
     );
-    assert!(err.contains("ring"), "a clear error: {err}");
-    // timeout_ms = 4000: the error comes within the deadline (plus slack),
-    // never a hang.
-    assert!(took < Duration::from_secs(9), "took {took:?}");
+    assert_eq!(stdout(&o).trim_end(), want_long.trim_end());
+    assert!(took < Duration::from_secs(30), "took {took:?}");
 }
 
 #[test]

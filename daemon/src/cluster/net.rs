@@ -866,14 +866,33 @@ impl Loop {
                 .and_then(|p| p.profile.as_ref())
                 .map(|p| p.name.clone())
                 .unwrap_or_else(|| c.peer.clone());
-            tracing::info!(
-                device = %name,
-                from = c.from.map(PeerState::as_str).unwrap_or("unknown"),
-                to = c.to.map(PeerState::as_str).unwrap_or("removed"),
-                epoch = c.epoch,
-                "membership"
-            );
+            let from = c.from.map(PeerState::as_str).unwrap_or("unknown");
+            let to = c.to.map(PeerState::as_str).unwrap_or("removed");
+            tracing::info!(device = %name, from, to, epoch = c.epoch, "membership");
+            let kind = match (from, to) {
+                ("unknown", "alive") => "join",
+                (_, "alive") => "back",
+                (_, "suspect") => "suspect",
+                (_, "dead") => "dead",
+                _ => "leave",
+            };
+            crate::events::record(kind, format!("{name}: {from} -> {to}"), None);
         }
+    }
+
+    fn note_election(&self, coordinator: &str, term: u64) {
+        let name = if coordinator == self.me.to_string() {
+            format!("{} (this device)", self.s.profile.name)
+        } else {
+            coordinator
+                .parse::<PeerId>()
+                .ok()
+                .and_then(|p| self.peers.get(&p))
+                .and_then(|p| p.profile.as_ref())
+                .map(|p| p.name.clone())
+                .unwrap_or_else(|| coordinator.to_string())
+        };
+        crate::events::record("elect", format!("coordinator {name}, term {term}"), None);
     }
 
     fn update_election(&mut self, now: Instant) {
@@ -893,6 +912,7 @@ impl Loop {
             .collect();
         if let Some(v) = self.election.on_event(now, election::Event::Roster(roster)) {
             tracing::info!(coordinator = %v.coordinator, term = v.term, me = self.election.is_coordinator(), "coordinator elected");
+            self.note_election(&v.coordinator, v.term);
         }
     }
 
@@ -903,9 +923,11 @@ impl Loop {
         self.update_election(now);
         if let Some(v) = self.election.on_event(now, election::Event::Tick) {
             tracing::info!(coordinator = %v.coordinator, term = v.term, "coordinator elected");
+            self.note_election(&v.coordinator, v.term);
         }
         self.refresh_mdns_tag();
-        if self.last_plan_check.elapsed() >= Duration::from_millis(250) {
+        // A device lost or found is planned around at once.
+        if !changes.is_empty() || self.last_plan_check.elapsed() >= Duration::from_millis(250) {
             self.last_plan_check = now;
             let _ = self.replan(false);
         }
@@ -1003,7 +1025,22 @@ impl Loop {
                 });
             }
         }
-        let pin = ring.pin.read().expect("pin").clone();
+        let mut pin = ring.pin.read().expect("pin").clone();
+        // A pinned device that is gone (dead, left, lost the model) does not
+        // stop the household: Halda plans around it until it is back, and
+        // the pin applies again then. Setting a pin (`force`) still insists.
+        if let Some(p) = pin.as_ref().filter(|_| !force) {
+            let gone: Vec<&String> = p
+                .windows
+                .iter()
+                .map(|(n, _)| n)
+                .filter(|n| !cands.iter().any(|c| &c.name == *n || &c.id == *n))
+                .collect();
+            if !gone.is_empty() {
+                tracing::debug!(?gone, "pinned devices are not live: planning with Halda");
+                pin = None;
+            }
+        }
         // Material changes only: a device measured, its free memory moving
         // by more than about 20%, a slow link's RTT doubling.
         let key = serde_json::to_string(&(
@@ -1057,6 +1094,21 @@ impl Loop {
                 tracing::info!(
                     epoch, devices = cands.len(), took = ?t.elapsed(),
                     tpot_ms = ?plan.tpot_ms, "planned the ring"
+                );
+                let windows: Vec<String> = plan
+                    .devices
+                    .iter()
+                    .map(|d| format!("{} {}", d.name, d.window))
+                    .collect();
+                crate::events::record(
+                    "plan",
+                    format!(
+                        "epoch {epoch}: k={} [{}]{}",
+                        plan.k,
+                        windows.join(", "),
+                        if plan.pinned { " (pinned)" } else { "" }
+                    ),
+                    Some(t.elapsed()),
                 );
                 self.max_epoch = epoch;
                 ring.adopt(plan);

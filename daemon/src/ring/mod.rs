@@ -31,7 +31,7 @@ use futures_util::{
 use libp2p::{PeerId, Stream, StreamProtocol};
 use prima_kernels::engine::Evaluator;
 use serde::{Deserialize, Serialize};
-use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
+use tokio::sync::mpsc::UnboundedReceiver;
 
 use self::{
     exec::{Input, Logits, Outgoing},
@@ -105,6 +105,9 @@ pub enum AskEvent {
     },
     Text {
         text: String,
+        /// Tokens generated since the previous piece (to resume elsewhere).
+        #[serde(default)]
+        ids: Vec<u32>,
     },
     Done {
         finish: String,
@@ -114,6 +117,8 @@ pub enum AskEvent {
     Failed {
         status: u16,
         message: String,
+        #[serde(default)]
+        code: Option<String>,
     },
 }
 
@@ -163,6 +168,10 @@ pub struct Ring {
     /// Liveness horizon for peers' readiness (the cluster's dead_ms).
     pub dead_after: Duration,
     pub stats: RingStats,
+    /// When the current plan was adopted, and the newest epoch seen live
+    /// (for the event log's plan-to-live time).
+    adopted: Mutex<(u64, Instant)>,
+    live_epoch: AtomicU64,
 }
 
 #[derive(Default, Serialize)]
@@ -211,6 +220,8 @@ impl Ring {
             ask: OnceLock::new(),
             dead_after,
             stats: RingStats::default(),
+            adopted: Mutex::new((0, Instant::now())),
+            live_epoch: AtomicU64::new(0),
         });
         tokio::spawn(sender(ring.clone(), out_rx));
         ring
@@ -355,6 +366,7 @@ impl Ring {
             pinned = plan.pinned, "ring plan adopted"
         );
         *self.plan.write().expect("plan") = Some(plan.clone());
+        *self.adopted.lock().expect("adopted") = (plan.epoch, Instant::now());
         let epoch = plan.epoch;
         let me = self.clone();
         self.to_exec(Input::Prepare {
@@ -408,10 +420,41 @@ impl Ring {
     /// The plan, if every device of it is ready.
     pub fn live_plan(&self) -> Option<RingPlan> {
         let p = self.plan()?;
-        p.devices
+        let live = p
+            .devices
             .iter()
-            .all(|d| self.is_ready(&d.id, p.layout_id()))
-            .then_some(p)
+            .all(|d| self.is_ready(&d.id, p.layout_id()));
+        if !live {
+            return None;
+        }
+        if self.live_epoch.fetch_max(p.epoch, Ordering::Relaxed) < p.epoch {
+            let (epoch, at) = *self.adopted.lock().expect("adopted");
+            let took = (epoch == p.epoch).then(|| at.elapsed());
+            crate::events::record(
+                "live",
+                format!(
+                    "plan epoch {} live on {} device(s)",
+                    p.epoch,
+                    p.devices.len()
+                ),
+                took,
+            );
+        }
+        Some(p)
+    }
+
+    /// Waits until a plan newer than `epoch` is live; false after `wait`.
+    pub fn wait_for_plan_after(&self, epoch: u64, wait: Duration) -> bool {
+        let t = Instant::now();
+        loop {
+            if self.live_plan().is_some_and(|p| p.epoch > epoch) {
+                return true;
+            }
+            if t.elapsed() >= wait {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// Where a request for the model with `sha256` should run.
@@ -439,6 +482,7 @@ impl Ring {
             plan,
             history: Vec::new(),
             replays: 0,
+            failed_at: None,
             tx,
             rx,
         }
@@ -451,7 +495,7 @@ impl Ring {
         handle: &tokio::runtime::Handle,
         plan: &RingPlan,
         req: &GenRequest,
-        events: &UnboundedSender<Event>,
+        mut relay: impl FnMut(AskEvent) -> bool,
     ) -> Result<Option<AskEvent>, String> {
         self.stats.forwarded.fetch_add(1, Ordering::Relaxed);
         let head = plan.devices[0].clone();
@@ -486,14 +530,10 @@ impl Ring {
                 };
                 let ev: AskEvent = serde_json::from_slice(&msg)
                     .map_err(|e| format!("bad answer from the head: {e}"))?;
-                let local = match &ev {
-                    AskEvent::Started { prompt_tokens } => Event::Started {
-                        prompt_tokens: *prompt_tokens,
-                    },
-                    AskEvent::Text { text } => Event::Text(text.clone()),
-                    AskEvent::Done { .. } | AskEvent::Failed { .. } => return Ok(Some(ev)),
-                };
-                if events.send(local).is_err() {
+                if matches!(ev, AskEvent::Done { .. } | AskEvent::Failed { .. }) {
+                    return Ok(Some(ev));
+                }
+                if !relay(ev) {
                     return Ok(None); // our client left; dropping the stream tells the head
                 }
             }
@@ -527,6 +567,9 @@ pub struct RingSession<'r> {
     /// Tokens evaluated so far (what a replay feeds again).
     history: Vec<u32>,
     replays: u32,
+    /// When the current failure was first seen (cleared once a replay
+    /// answers): the stall the event log reports.
+    failed_at: Option<Instant>,
     tx: mpsc::Sender<Logits>,
     rx: mpsc::Receiver<Logits>,
 }
@@ -605,11 +648,23 @@ impl RingSession<'_> {
             .fetch_add(n as u64, Ordering::Relaxed);
         let wait = self.ring.settings.timeout * n as u32;
         let deadline = Instant::now() + wait;
+        // A newer plan with other windows (the coordinator planned around
+        // a device that died or froze) ends the wait early: what is on the
+        // way will not come back.
         let got = loop {
             let left = deadline.saturating_duration_since(Instant::now());
-            match self.rx.recv_timeout(left) {
+            match self.rx.recv_timeout(left.min(Duration::from_millis(50))) {
                 Ok((req, r)) if req == self.req => break Ok(r),
                 Ok(_) => continue, // an answer for an abandoned attempt
+                Err(mpsc::RecvTimeoutError::Timeout) if !left.is_zero() => {
+                    if self.ring.live_plan().is_some_and(|p| {
+                        p.epoch > self.plan.epoch
+                            && p.sha256 == self.plan.sha256
+                            && !p.same_layout(&self.plan)
+                    }) {
+                        break Ok(Err(exec::REPLANNED.to_string()));
+                    }
+                }
                 Err(e) => break Err(e),
             }
         };
@@ -664,27 +719,52 @@ impl Evaluator for RingSession<'_> {
             match self.try_eval(&feed) {
                 Ok(l) => {
                     self.history.extend_from_slice(tokens);
+                    if let Some(t) = self.failed_at.take() {
+                        crate::events::record(
+                            "resume",
+                            format!(
+                                "answer resumed at token {} on plan epoch {}",
+                                self.history.len(),
+                                self.plan.epoch
+                            ),
+                            Some(t.elapsed()),
+                        );
+                    }
                     return Ok(l);
                 }
                 Err(e) => {
+                    let since = *self.failed_at.get_or_insert_with(Instant::now);
+                    if e != exec::REPLANNED {
+                        crate::events::record("fail", e.clone(), None);
+                    }
                     if self.replays >= MAX_REPLAYS {
                         return Err(e);
                     }
                     // Replanned (or a device went away and the coordinator
                     // is replanning): wait for the new plan and replay.
                     // A device that stopped answering is declared dead
-                    // after `dead_after`; the coordinator then plans
-                    // without it. A pinned plan is not replanned around a
-                    // silent device: fail now.
+                    // after `dead_after`; the coordinator (elected anew if
+                    // it was the one lost) then plans without it, pinned
+                    // or not.
                     let wait = if e == exec::REPLANNED {
                         self.ring.settings.timeout
-                    } else if self.plan.pinned {
-                        Duration::from_millis(200)
                     } else {
                         self.ring.dead_after * 2 + Duration::from_secs(2)
                     };
                     match self.newer_plan(wait) {
-                        Some(p) => self.rebase(p)?,
+                        Some(p) => {
+                            crate::events::record(
+                                "replay",
+                                format!(
+                                    "replaying {} tokens on plan epoch {} (was {})",
+                                    self.history.len(),
+                                    p.epoch,
+                                    self.plan.epoch
+                                ),
+                                Some(since.elapsed()),
+                            );
+                            self.rebase(p)?
+                        }
                         None => return Err(e),
                     }
                 }
@@ -905,7 +985,7 @@ async fn serve_ask(handler: Arc<AskHandler>, mut s: Stream) -> std::io::Result<(
     while let Some(ev) = events.recv().await {
         let (msg, last) = match ev {
             Event::Started { prompt_tokens } => (AskEvent::Started { prompt_tokens }, false),
-            Event::Text(text) => (AskEvent::Text { text }, false),
+            Event::Text(text, ids) => (AskEvent::Text { text, ids }, false),
             Event::Done {
                 finish,
                 prompt_tokens,
@@ -922,6 +1002,7 @@ async fn serve_ask(handler: Arc<AskHandler>, mut s: Stream) -> std::io::Result<(
                 AskEvent::Failed {
                     status: e.status.as_u16(),
                     message: e.message,
+                    code: e.code.map(str::to_string),
                 },
                 true,
             ),
