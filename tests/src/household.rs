@@ -83,10 +83,17 @@ pub fn coordinator(ds: &[NsDaemon]) -> usize {
 }
 
 /// Waits until every daemon follows one live plan satisfying `f`; returns it.
-pub fn wait_live(ds: &[NsDaemon], what: &str, f: impl Fn(&Value) -> bool) -> Value {
+pub fn wait_live<D: std::borrow::Borrow<NsDaemon>>(
+    ds: &[D],
+    what: &str,
+    f: impl Fn(&Value) -> bool,
+) -> Value {
     let t = Instant::now();
     loop {
-        let plans: Vec<Value> = ds.iter().map(|d| status(d)["plan"].clone()).collect();
+        let plans: Vec<Value> = ds
+            .iter()
+            .map(|d| status(d.borrow())["plan"].clone())
+            .collect();
         let same = plans.iter().all(|p| p["epoch"] == plans[0]["epoch"]);
         if same && plans.iter().all(|p| p["live"] == true && f(p)) {
             return plans[0].clone();
@@ -111,4 +118,27 @@ pub fn windows(p: &Value) -> Vec<(String, u64)> {
             )
         })
         .collect()
+}
+
+/// Pins `plan` (k, [(device, window)], head first) on the coordinator.
+pub fn pin(ds: &[NsDaemon], k: u32, plan: &[(&str, u32)]) {
+    let c = coordinator(ds);
+    let mut args: Vec<String> = vec!["plan".into(), "set".into(), "--k".into(), k.to_string()];
+    args.extend(plan.iter().map(|(n, w)| format!("{n}={w}")));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    // Right after start-up a device's model may not have reached the
+    // coordinator yet: the pin is refused, saying so; try again.
+    let t = Instant::now();
+    loop {
+        let o = ds[c].ctl(&args);
+        if o.status.success() {
+            break;
+        }
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            err.contains("not live or does not hold") && t.elapsed() < Duration::from_secs(10),
+            "plan set: {o:?}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }

@@ -1000,6 +1000,7 @@ impl Loop {
             cores: self.s.profile.cores,
             ram_mb: self.s.profile.ram_mb,
             links: self.links(),
+            memory_budget: local.memory_budget,
         }];
         {
             let peers = ring.peers.read().expect("peers");
@@ -1022,6 +1023,7 @@ impl Loop {
                     cores: prof.as_ref().map(|p| p.cores).unwrap_or(1),
                     ram_mb: prof.as_ref().map(|p| p.ram_mb).unwrap_or(1024),
                     links: p.ad.links.clone(),
+                    memory_budget: p.ad.memory_budget,
                 });
             }
         }
@@ -1077,7 +1079,14 @@ impl Loop {
             return Ok(());
         }
         self.plan_key = key;
-        let epoch = self.max_epoch.max(current.map(|p| p.epoch).unwrap_or(0)) + 1;
+        let epoch = self
+            .max_epoch
+            .max(current.as_ref().map(|p| p.epoch).unwrap_or(0))
+            + 1;
+        // The running plan (ours, or one a coordinator before us made) is
+        // kept unless the new one is clearly faster: autoscaling without
+        // churn. A plan of ours that a rival outbid is not kept.
+        let keepable = current.as_ref().filter(|_| !(force || mine && outbid));
         let req = planner::Request {
             model: &model,
             path: &path,
@@ -1087,10 +1096,39 @@ impl Loop {
             coordinator: &me,
             n_ctx: self.s.n_ctx,
             use_all_devices: self.s.use_all_devices,
+            current: keepable,
         };
         let t = Instant::now();
         match planner::make_plan(&req) {
-            Ok(plan) => {
+            Ok(planner::Planned::Keep { current_ms, new_ms }) => {
+                tracing::info!(
+                    current_ms, new_ms, took = ?t.elapsed(),
+                    "kept the ring plan: the best new one is not clearly faster"
+                );
+                crate::events::record(
+                    "keep",
+                    format!(
+                        "kept plan epoch {}: the best new plan predicts {new_ms:.1} ms/token \
+                         against {current_ms:.1} (switching needs {:.0}% gain)",
+                        keepable.map(|p| p.epoch).unwrap_or(0),
+                        planner::SWITCH_GAIN * 100.0
+                    ),
+                    Some(t.elapsed()),
+                );
+                // A plan taken over from another coordinator is issued
+                // again under this one; the layout is the same, so no
+                // device reloads anything.
+                if let Some(p) = keepable.filter(|p| p.coordinator != me) {
+                    let mut p = p.clone();
+                    p.epoch = epoch;
+                    p.coordinator = me.clone();
+                    self.max_epoch = epoch;
+                    ring.adopt(p);
+                    self.publish(false);
+                }
+                Ok(())
+            }
+            Ok(planner::Planned::New(plan)) => {
                 tracing::info!(
                     epoch, devices = cands.len(), took = ?t.elapsed(),
                     tpot_ms = ?plan.tpot_ms, "planned the ring"

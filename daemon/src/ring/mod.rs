@@ -79,6 +79,10 @@ pub struct RingAd {
     /// libp2p connection (ping).
     #[serde(default)]
     pub links: Vec<(String, f64)>,
+    /// Bytes this device lets the ring use (`[ring] memory_budget_mb` or
+    /// its cgroup's limit): Halda plans within it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_budget: Option<u64>,
 }
 
 /// What this device last heard from a peer.
@@ -190,6 +194,7 @@ impl Ring {
     pub fn start(me: String, settings: Settings, dead_after: Duration) -> Arc<Self> {
         let (tx, rx) = mpsc::channel();
         let (out_tx, out_rx) = tokio::sync::mpsc::unbounded_channel();
+        let budget = settings.memory_budget;
         let es = exec::Settings {
             max_ctx: settings.max_ctx,
             prefetch: settings.prefetch,
@@ -208,7 +213,10 @@ impl Ring {
             exec: Mutex::new(tx),
             exec_thread: Mutex::new(Some(thread)),
             plan: RwLock::new(None),
-            local: RwLock::new(RingAd::default()),
+            local: RwLock::new(RingAd {
+                memory_budget: budget,
+                ..RingAd::default()
+            }),
             peers: RwLock::new(HashMap::new()),
             pin: RwLock::new(None),
             elected: RwLock::new(String::new()),

@@ -19,18 +19,38 @@ pub struct Candidate {
     pub ram_mb: u64,
     /// Round-trip times to other candidates, by name (ms).
     pub links: Vec<(String, f64)>,
+    /// The memory the device lets the ring use, if limited.
+    pub memory_budget: Option<u64>,
 }
 
 pub struct Request<'a> {
     pub model: &'a ModelAd,
     pub path: &'a Path,
-    /// Index 0 is the coordinator, which becomes the head under Halda.
+    /// Index 0 is the coordinator (the head unless another device is
+    /// clearly faster at it).
     pub candidates: &'a [Candidate],
     pub pin: Option<&'a Pin>,
     pub epoch: u64,
     pub coordinator: &'a str,
     pub n_ctx: u32,
     pub use_all_devices: bool,
+    /// The plan the household runs now, if the coordinator may keep it:
+    /// a new plan replaces it only when predicted clearly faster.
+    pub current: Option<&'a RingPlan>,
+}
+
+/// Least predicted gain (fraction of the token time) worth switching a
+/// running plan for: a switch costs every device a reload and running
+/// answers a replay.
+pub const SWITCH_GAIN: f64 = 0.05;
+
+/// What the coordinator should do.
+#[derive(Debug)]
+pub enum Planned {
+    /// Adopt this plan.
+    New(RingPlan),
+    /// Keep the current plan: the best new one is not clearly faster.
+    Keep { current_ms: f64, new_ms: f64 },
 }
 
 /// An estimate for a device that has not measured itself yet: modest
@@ -70,7 +90,7 @@ fn estimate(c: &Candidate, model: &halda::ModelProfile) -> halda::DeviceProfile 
 }
 
 /// Builds the plan.
-pub fn make_plan(r: &Request) -> Result<RingPlan, String> {
+pub fn make_plan(r: &Request) -> Result<Planned, String> {
     if r.candidates.is_empty() {
         return Err("no device holds the model".into());
     }
@@ -115,7 +135,7 @@ pub fn make_plan(r: &Request) -> Result<RingPlan, String> {
             ..base
         };
         p.validate()?;
-        return Ok(p);
+        return Ok(Planned::New(p));
     }
     let gguf = prima_kernels::gguf::Gguf::open(r.path)
         .map_err(|e| format!("reading {}: {e}", r.path.display()))?;
@@ -133,6 +153,10 @@ pub fn make_plan(r: &Request) -> Result<RingPlan, String> {
         names.push(n.clone());
         let mut d = c.device.clone().unwrap_or_else(|| estimate(c, &mp));
         d.name = n;
+        if let Some(b) = c.memory_budget {
+            d.memory.available_bytes = d.memory.available_bytes.min(b);
+            d.memory.swap_available_bytes = 0;
+        }
         devices.push(d);
     }
     for (d, c) in devices.iter_mut().zip(r.candidates) {
@@ -153,21 +177,56 @@ pub fn make_plan(r: &Request) -> Result<RingPlan, String> {
         device_selection: !r.use_all_devices,
         ..halda::Options::default()
     };
-    let hp = halda::plan(&mp, &devices, r.n_ctx, &opts).map_err(|e| e.to_string())?;
+    // Any device may head the ring (it tokenizes, samples and holds the
+    // output layer): Halda plans with each one as its head (device 0) and
+    // the fastest plan wins. The coordinator keeps the head unless another
+    // device is predicted more than 2% faster, so noise does not move it.
+    let n = devices.len();
+    let mut best: Option<(f64, Vec<usize>, halda::Plan)> = None;
+    let mut last_err = None;
+    for h in 0..n {
+        let perm: Vec<usize> = std::iter::once(h)
+            .chain((0..n).filter(|&i| i != h))
+            .collect();
+        let devs: Vec<halda::DeviceProfile> = perm.iter().map(|&i| devices[i].clone()).collect();
+        match halda::plan(&mp, &devs, r.n_ctx, &opts) {
+            Ok(hp) if hp.devices[0].window > 0 => {
+                let score = hp.tpot_ms * if h == 0 { 0.98 } else { 1.0 };
+                if best.as_ref().is_none_or(|(b, _, _)| score < *b) {
+                    best = Some((score, perm, hp));
+                }
+            }
+            Ok(_) => {}
+            Err(e) => last_err = Some(e.to_string()),
+        }
+    }
+    let Some((_, perm, hp)) = best else {
+        return Err(last_err.unwrap_or_else(|| "Halda found no plan".into()));
+    };
+    if let Some(current_ms) = r.current.and_then(|c| predict(r, c, &mp, &devices, &opts)) {
+        let new_ms = hp.ring_tpot_ms();
+        let same_set = hp.devices.iter().zip(&perm).all(|(d, &i)| {
+            (d.window > 0)
+                == r.current
+                    .is_some_and(|c| c.rank_of(&r.candidates[i].id).is_some())
+        });
+        // With `use_all_devices` a newcomer is used whatever the gain.
+        if (same_set || !r.use_all_devices) && new_ms > current_ms * (1.0 - SWITCH_GAIN) {
+            return Ok(Planned::Keep { current_ms, new_ms });
+        }
+    }
     // Halda's ring lists the active devices with the head last; ranks put
-    // the head first.
+    // the head first. Indices go back from Halda's order to candidates'.
     let mut order: Vec<usize> = vec![0];
     order.extend(hp.ring.iter().copied().filter(|&i| i != 0));
-    if hp.devices[0].window == 0 {
-        return Err("Halda left the coordinator out; it must be the head".into());
-    }
     let devices_out = order
         .iter()
         .map(|&i| {
             let d = &hp.devices[i];
+            let c = &r.candidates[perm[i]];
             PlanDevice {
-                id: r.candidates[i].id.clone(),
-                name: r.candidates[i].name.clone(),
+                id: c.id.clone(),
+                name: c.name.clone(),
                 window: d.window,
                 gpu_layers: d.gpu_layers,
                 share: Some(d.time_share),
@@ -181,7 +240,7 @@ pub fn make_plan(r: &Request) -> Result<RingPlan, String> {
     let dropped = hp
         .devices
         .iter()
-        .zip(r.candidates)
+        .zip(perm.iter().map(|&i| &r.candidates[i]))
         .filter(|(d, _)| d.window == 0)
         .map(|(d, c)| Dropped {
             name: c.name.clone(),
@@ -199,7 +258,54 @@ pub fn make_plan(r: &Request) -> Result<RingPlan, String> {
         ..base
     };
     p.validate()?;
-    Ok(p)
+    Ok(Planned::New(p))
+}
+
+/// The current plan's token time under today's profiles (ring model), or
+/// None when it cannot run as it is (a device of it is gone, it is pinned,
+/// or it is another model's).
+fn predict(
+    r: &Request,
+    current: &RingPlan,
+    mp: &halda::ModelProfile,
+    devices: &[halda::DeviceProfile],
+    opts: &halda::Options,
+) -> Option<f64> {
+    if current.pinned || current.sha256 != r.model.sha256 {
+        return None;
+    }
+    let at = |id: &str| r.candidates.iter().position(|c| c.id == id);
+    let ranks: Vec<usize> = current
+        .devices
+        .iter()
+        .map(|d| at(&d.id))
+        .collect::<Option<_>>()?;
+    let n = devices.len();
+    let perm: Vec<usize> = std::iter::once(ranks[0])
+        .chain((0..n).filter(|&i| i != ranks[0]))
+        .collect();
+    let pos = |cand: usize| perm.iter().position(|&i| i == cand).expect("a permutation");
+    let mut windows = vec![0; n];
+    let mut gpu_layers = vec![0; n];
+    for (d, &c) in current.devices.iter().zip(&ranks) {
+        windows[pos(c)] = d.window;
+        gpu_layers[pos(c)] = d.gpu_layers;
+    }
+    let ring: Vec<usize> = ranks[1..]
+        .iter()
+        .map(|&c| pos(c))
+        .chain(std::iter::once(0))
+        .collect();
+    let devs: Vec<halda::DeviceProfile> = perm.iter().map(|&i| devices[i].clone()).collect();
+    let a = halda::cost::Assignment {
+        k: current.k,
+        windows,
+        gpu_layers,
+        ring: Some(ring),
+    };
+    halda::cost::evaluate(mp, &devs, r.n_ctx, opts, &a)
+        .ok()
+        .map(|e| e.ring.total_ms)
 }
 
 #[cfg(test)]
@@ -214,6 +320,7 @@ mod tests {
             cores: 4,
             ram_mb: 8192,
             links: vec![],
+            memory_budget: None,
         }
     }
 
@@ -238,8 +345,11 @@ mod tests {
             coordinator: "12D3KooWpeer0",
             n_ctx: 512,
             use_all_devices: false,
+            current: None,
         };
-        let p = make_plan(&req).unwrap();
+        let Planned::New(p) = make_plan(&req).unwrap() else {
+            panic!("a pin is a new plan")
+        };
         assert_eq!(p.head().name, "dev2");
         assert_eq!(p.windows(0), vec![12..15, 27..30]);
         assert!(p.pinned);
