@@ -182,10 +182,16 @@ async fn serve(cfg: Config) -> Result<()> {
     sd_notify("READY=1");
 
     let w = worker.clone();
+    let leaving = ring.clone();
     axum::serve(listener, app)
         .with_graceful_shutdown(async move {
             shutdown_signal().await;
             tracing::info!(grace = ?grace, "shutting down: finishing in-flight requests");
+            // Out of the ring first: the household plans without this
+            // device while it finishes, and what it heads moves on.
+            if let Some(r) = leaving {
+                r.leave();
+            }
             sd_notify("STOPPING=1");
             // After the grace period, running and queued requests are cancelled.
             tokio::spawn(async move {

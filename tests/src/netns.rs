@@ -247,6 +247,27 @@ impl NsDaemon {
         }
     }
 
+    /// SIGTERM, then waits up to `timeout` for the daemon to exit (and
+    /// kills it after). True if it exited by itself.
+    pub fn terminate(&mut self, timeout: std::time::Duration) -> bool {
+        self.signal("TERM");
+        let Some(mut c) = self.child.take() else {
+            return true;
+        };
+        let t = std::time::Instant::now();
+        loop {
+            if let Ok(Some(_)) = c.try_wait() {
+                return true;
+            }
+            if t.elapsed() > timeout {
+                let _ = c.kill();
+                let _ = c.wait();
+                return false;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    }
+
     pub fn kill9(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();

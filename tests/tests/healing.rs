@@ -123,6 +123,9 @@ enum Victim {
     /// The head of a pinned plan that another device coordinates; the
     /// client talks to the coordinator.
     Head,
+    /// The head of Halda's plan, stopped gracefully (SIGTERM) while its own
+    /// client streams: it leaves the ring and hands the answer on.
+    LeavingHead,
 }
 
 /// Kills `who` with SIGKILL as soon as a greedy 128-token answer streams
@@ -157,6 +160,10 @@ fn kill_mid_answer(who: Victim) -> Duration {
             let head = idx(&windows(&p)[0].0);
             (other(&[head, coord]), head)
         }
+        Victim::LeavingHead => {
+            let head = idx(&windows(&p)[0].0);
+            (head, head)
+        }
         Victim::HeadAndCoordinator => {
             pin_head(coord);
             (coord, other(&[coord]))
@@ -172,6 +179,7 @@ fn kill_mid_answer(who: Victim) -> Duration {
         }
     };
     let victim_name = name(victim);
+    let client_name = name(client);
     let raw = "Once upon a time";
     let n = "128";
     let want = generate(&model(SMOLLM2), raw, 128, false);
@@ -190,7 +198,11 @@ fn kill_mid_answer(who: Victim) -> Duration {
         &ds[client],
         &["ask", "--raw", "-t", "0", "-n", n, raw],
         || {
-            ds[victim].signal("KILL");
+            ds[victim].signal(if who == Victim::LeavingHead {
+                "TERM"
+            } else {
+                "KILL"
+            });
             killed_at.set(unix_ms());
         },
     );
@@ -212,7 +224,7 @@ fn kill_mid_answer(who: Victim) -> Duration {
         "{who:?} ({victim_name}) killed mid-answer, client on {}: answer complete in {total:?} \
          ({calm_total:?} fault-free, longest gap then {calm_gap:?}), longest stall {gap:?}; \
          plan now {:?}\n  {}",
-        name(client),
+        client_name,
         windows(&after),
         timeline(&ds, &survivors, killed_at.get(), &victim_name)
     );
@@ -227,6 +239,12 @@ fn a_member_killed_mid_answer_costs_a_short_stall_and_the_answer_completes() {
         gap <= Duration::from_secs(3),
         "stall {gap:?} (dead after 1.2 s, then replan, load, replay)"
     );
+}
+
+#[test]
+fn a_head_stopped_gracefully_mid_answer_hands_its_clients_answer_on() {
+    let gap = kill_mid_answer(Victim::LeavingHead);
+    assert!(gap <= Duration::from_secs(3), "stall {gap:?}");
 }
 
 #[test]
@@ -395,6 +413,154 @@ fn joining_devices_are_used_when_halda_says_they_help() {
     assert!(
         !windows(&p).iter().any(|(n, _)| n == "dev4"),
         "dev4 would slow the ring"
+    );
+    for d in &mut ds {
+        d.kill9();
+    }
+}
+
+/// A small seeded generator (xorshift64*) for the churn schedule.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    /// Uniform in lo..=hi milliseconds.
+    fn ms(&mut self, lo: u64, hi: u64) -> Duration {
+        Duration::from_millis(lo + self.next() % (hi - lo + 1))
+    }
+}
+
+/// Churn: for two minutes (PRIMA_CHURN_SECS), one fault at a time on a
+/// household of four — kill -9 and restart, SIGTERM and restart, or the
+/// link cut and restored — on a seeded schedule (PRIMA_CHURN_SEED), while
+/// a client on the fourth device asks in a loop. No request may fail and
+/// every answer must be the greedy one.
+#[test]
+fn churn_never_fails_a_request() {
+    let secs: u64 = std::env::var("PRIMA_CHURN_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(120);
+    let seed: u64 = std::env::var("PRIMA_CHURN_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(7);
+    let hosts = Hosts::create(4).expect("hosts");
+    let all = "use_all_devices = true\n";
+    let mut ds = household(&hosts, SMOLLM2, "smollm2-135m", all);
+    ds.push(join(&hosts, 3, all));
+    wait_live(&ds, "all four", |p| {
+        p["devices"].as_array().unwrap().len() == 4
+    });
+    let prompts = [
+        "Once upon a time",
+        "The capital of France is",
+        "Water boils at",
+    ];
+    let wants: Vec<String> = prompts
+        .iter()
+        .map(|p| generate(&model(SMOLLM2), p, 40, false))
+        .collect();
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let mut rng = Rng(seed.max(1));
+    let mut faults: Vec<String> = Vec::new();
+    let t0 = Instant::now();
+    let results = std::thread::scope(|sc| {
+        // The client: on dev3, never a victim.
+        let client = sc.spawn(|| {
+            let mut out = Vec::new();
+            let mut i = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let t = Instant::now();
+                let o = hosts
+                    .command(3, bin("primactl"))
+                    .args(["ask", "--raw", "-t", "0", "-n", "40", prompts[i % 3]])
+                    .env_remove("PRIMA_API")
+                    .output()
+                    .expect("primactl");
+                let got = String::from_utf8_lossy(&o.stdout).into_owned();
+                let ok = o.status.success() && got.trim_end() == wants[i % 3].trim_end();
+                out.push((
+                    t0.elapsed(),
+                    t.elapsed(),
+                    ok,
+                    format!("{got:?} {}", String::from_utf8_lossy(&o.stderr)),
+                ));
+                i += 1;
+            }
+            out
+        });
+        while t0.elapsed() < Duration::from_secs(secs) {
+            std::thread::sleep(rng.ms(2000, 5000));
+            let v = (rng.next() % 3) as usize;
+            let down = rng.ms(2000, 6000);
+            let what = match rng.next() % 3 {
+                0 => {
+                    ds[v].kill9();
+                    std::thread::sleep(down);
+                    ds[v].spawn(&hosts);
+                    "kill -9, restart"
+                }
+                1 => {
+                    ds[v].terminate(Duration::from_secs(15));
+                    std::thread::sleep(down);
+                    ds[v].spawn(&hosts);
+                    "SIGTERM, restart"
+                }
+                _ => {
+                    hosts.set_link(v, false).expect("link down");
+                    std::thread::sleep(down);
+                    hosts.set_link(v, true).expect("link up");
+                    "link cut, restored"
+                }
+            };
+            faults.push(format!(
+                "{:>6.1}s dev{v}: {what} after {down:?}",
+                t0.elapsed().as_secs_f64()
+            ));
+            // One fault at a time: wait for the household of four again.
+            let t = Instant::now();
+            while status(&ds[3])["cluster"]["devices"]
+                .as_array()
+                .map(|a| a.iter().filter(|x| x["state"] == "alive").count())
+                != Some(4)
+            {
+                assert!(
+                    t.elapsed() < Duration::from_secs(30),
+                    "dev{v} did not come back"
+                );
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        client.join().unwrap()
+    });
+    let failed: Vec<&(Duration, Duration, bool, String)> =
+        results.iter().filter(|r| !r.2).collect();
+    let slowest = results.iter().map(|r| r.1).max().unwrap_or_default();
+    eprintln!(
+        "churn (seed {seed}, {secs} s): {} faults, {} requests, {} failed, slowest {slowest:?}\n  {}",
+        faults.len(),
+        results.len(),
+        failed.len(),
+        faults.join("\n  ")
+    );
+    for f in &failed {
+        eprintln!("  failed at {:?} after {:?}: {}", f.0, f.1, f.3);
+    }
+    assert!(faults.len() >= secs as usize / 15, "faults happened");
+    assert!(results.len() >= 10, "the client kept asking");
+    assert!(
+        failed.is_empty(),
+        "{} of {} requests failed",
+        failed.len(),
+        results.len()
     );
     for d in &mut ds {
         d.kill9();

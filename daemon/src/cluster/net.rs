@@ -986,22 +986,34 @@ impl Loop {
             return Ok(());
         }
         let local = ring.local_ad();
-        let Some(model) = local.model.clone() else {
-            return Err("this device does not hold the household's model".into());
+        let leaving = ring.is_leaving();
+        // A coordinator that is leaving still plans (the household's
+        // model as the running plan names it), without itself.
+        let model = match (local.model.clone(), ring.plan()) {
+            (Some(m), _) => m,
+            (None, Some(p)) if leaving => crate::ring::ModelAd {
+                name: p.model.clone(),
+                sha256: p.sha256.clone(),
+                n_layer: p.n_layer,
+            },
+            _ => return Err("this device does not hold the household's model".into()),
         };
         let Some(path) = ring.model_file() else {
             return Err("the model file is missing here".into());
         };
         let me = self.me.to_string();
-        let mut cands = vec![Candidate {
-            id: me.clone(),
-            name: self.s.profile.name.clone(),
-            device: local.device.clone(),
-            cores: self.s.profile.cores,
-            ram_mb: self.s.profile.ram_mb,
-            links: self.links(),
-            memory_budget: local.memory_budget,
-        }];
+        let mut cands = Vec::new();
+        if !leaving {
+            cands.push(Candidate {
+                id: me.clone(),
+                name: self.s.profile.name.clone(),
+                device: local.device.clone(),
+                cores: self.s.profile.cores,
+                ram_mb: self.s.profile.ram_mb,
+                links: self.links(),
+                memory_budget: local.memory_budget,
+            });
+        }
         {
             let peers = ring.peers.read().expect("peers");
             let mut live: Vec<&String> = self.membership.live().map(|(id, _)| id).collect();

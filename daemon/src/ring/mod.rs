@@ -18,7 +18,7 @@ use std::{
     collections::HashMap,
     path::PathBuf,
     sync::{
-        atomic::{AtomicU64, AtomicUsize, Ordering},
+        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
         mpsc, Arc, Mutex, OnceLock, RwLock,
     },
     time::{Duration, Instant},
@@ -176,6 +176,8 @@ pub struct Ring {
     /// (for the event log's plan-to-live time).
     adopted: Mutex<(u64, Instant)>,
     live_epoch: AtomicU64,
+    /// Set by [`Ring::leave`].
+    leaving: AtomicBool,
 }
 
 #[derive(Default, Serialize)]
@@ -230,6 +232,7 @@ impl Ring {
             stats: RingStats::default(),
             adopted: Mutex::new((0, Instant::now())),
             live_epoch: AtomicU64::new(0),
+            leaving: AtomicBool::new(false),
         });
         tokio::spawn(sender(ring.clone(), out_rx));
         ring
@@ -254,6 +257,9 @@ impl Ring {
 
     /// The model this device offers to the ring, and where its file is.
     pub fn set_model(&self, ad: Option<(ModelAd, PathBuf)>) {
+        if self.leaving.load(Ordering::Relaxed) {
+            return;
+        }
         let (ad, path) = match ad {
             Some((a, p)) => (Some(a), Some(p)),
             None => (None, None),
@@ -392,6 +398,20 @@ impl Ring {
                 Err(e) => tracing::error!(epoch, error = %e, "cannot take part in the ring plan"),
             }),
         });
+    }
+
+    /// Leaves the ring gracefully (the daemon is shutting down): this
+    /// device stops offering the model, so the coordinator plans without
+    /// it while it finishes what runs; answers it heads move to the new
+    /// head with the tokens already sent (worker failover).
+    pub fn leave(&self) {
+        self.leaving.store(true, Ordering::Relaxed);
+        self.local.write().expect("local").model = None;
+        crate::events::record("leave", "this device is leaving the ring", None);
+    }
+
+    pub fn is_leaving(&self) -> bool {
+        self.leaving.load(Ordering::Relaxed)
     }
 
     /// Notes the model's width once known, for the frame size limit.
