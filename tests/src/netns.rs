@@ -112,6 +112,27 @@ impl Hosts {
         c
     }
 
+    /// Breaks (or mends) the link between hosts `i` and `j` alone: host
+    /// `i` drops every packet from or to `j` (iptables in its namespace);
+    /// both still reach the others.
+    pub fn block(&self, i: usize, j: usize, blocked: bool) -> Result<()> {
+        let op = if blocked { "-A" } else { "-D" };
+        for (chain, dir) in [("INPUT", "-s"), ("OUTPUT", "-d")] {
+            let o = Command::new("ip")
+                .args(["netns", "exec", &self.ns(i), "iptables", op, chain, dir])
+                .arg(self.addr(j))
+                .args(["-j", "DROP"])
+                .output()?;
+            anyhow::ensure!(
+                o.status.success(),
+                "iptables in {}: {}",
+                self.ns(i),
+                String::from_utf8_lossy(&o.stderr)
+            );
+        }
+        Ok(())
+    }
+
     /// Cuts host `i` off (its end of the veth down) or reconnects it.
     pub fn set_link(&self, i: usize, up: bool) -> Result<()> {
         ip(&[

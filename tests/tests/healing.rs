@@ -566,3 +566,59 @@ fn churn_never_fails_a_request() {
         d.kill9();
     }
 }
+
+/// The link between two live devices breaks while both still reach the
+/// third: gossip keeps both alive, so no plan changes; the ring passes
+/// their frames through the third device instead. The answer running at
+/// that moment completes unchanged, the next ones too, and when the link
+/// is mended the direct path is used again.
+#[test]
+fn a_link_broken_between_two_live_devices_is_relayed_around() {
+    let hosts = Hosts::create(3).expect("hosts");
+    let ds = household(&hosts, SMOLLM2, "smollm2-135m", "");
+    // dev0 -> dev1 -> dev2 -> dev0: the dev1-dev2 hop is the one to break.
+    pin(&ds, 1, &[("dev0", 10), ("dev1", 10), ("dev2", 10)]);
+    let p = wait_live(&ds, "pinned", |p| p["pinned"] == true);
+    let raw = "Once upon a time";
+    let want = generate(&model(SMOLLM2), raw, 128, false);
+    let args = ["ask", "--raw", "-t", "0", "-n", "128", raw];
+    let (text, ok, err, gap, total) = stream_ask(&hosts, &ds[0], &args, || {
+        hosts.block(1, 2, true).expect("iptables");
+        eprintln!("blocked at {} ms", unix_ms());
+    });
+    assert!(ok, "the answer survives a broken link: {err}");
+    assert_eq!(text.trim_end(), want.trim_end());
+    let relayed = |d: &NsDaemon| {
+        status(d)["events"].as_array().unwrap().iter().any(|e| {
+            e["text"]
+                .as_str()
+                .unwrap_or("")
+                .contains("relaying through")
+        })
+    };
+    assert!(
+        relayed(&ds[1]) || relayed(&ds[2]),
+        "dev1 or dev2 relays:\n{}",
+        ds[1].log()
+    );
+    let now = status(&ds[0])["plan"].clone();
+    assert_eq!(now["epoch"], p["epoch"], "no replan: the devices are alive");
+    eprintln!(
+        "dev1-dev2 link broken mid-answer: complete in {total:?}, longest stall {gap:?}, plan epoch {} kept",
+        now["epoch"]
+    );
+    // Steady state through the relay, then the direct path again.
+    let (text, ok, err, gap, total) = stream_ask(&hosts, &ds[0], &args, || {});
+    assert!(ok, "{err}");
+    assert_eq!(text.trim_end(), want.trim_end());
+    eprintln!("  through the relay: {total:?}, longest gap {gap:?}");
+    hosts.block(1, 2, false).expect("iptables");
+    let (text, ok, err, _, total) = stream_ask(&hosts, &ds[0], &args, || {});
+    assert!(ok, "{err}");
+    assert_eq!(text.trim_end(), want.trim_end());
+    eprintln!("  link mended: {total:?}");
+    assert!(
+        gap <= Duration::from_secs(1),
+        "no stall through a steady relay: {gap:?}"
+    );
+}

@@ -345,8 +345,13 @@ fn build_swarm_with(s: &Settings, max_transmit: usize) -> Result<Swarm<Behaviour
             Ok(Behaviour {
                 gate: Toggle::from(gate),
                 gossipsub,
+                // A ping unanswered for 2 s marks the link broken for the
+                // ring (which then relays) even while gossip, which takes
+                // any path, still says the device is alive.
                 ping: ping::Behaviour::new(
-                    ping::Config::new().with_interval(Duration::from_millis(1000)),
+                    ping::Config::new()
+                        .with_interval(Duration::from_millis(1000))
+                        .with_timeout(Duration::from_secs(2)),
                 ),
                 identify: identify::Behaviour::new(identify::Config::new(
                     format!("/prima/id/{PROTOCOL_VERSION}"),
@@ -538,6 +543,10 @@ struct PeerInfo {
     rtt: Option<Duration>,
 }
 
+/// A device's heartbeats unheard directly for this long, while they still
+/// arrive through others, mark the direct link to it broken.
+const LINK_BROKEN_AFTER: Duration = Duration::from_millis(1000);
+
 struct Loop {
     s: Settings,
     swarm: Swarm<Behaviour>,
@@ -564,6 +573,9 @@ struct Loop {
     /// this device outbids it so that everyone converges on one plan.
     rival_epoch: u64,
     last_plan_check: Instant,
+    /// Per device: when its heartbeat last came straight from it, and when
+    /// it last came at all.
+    heard_via: HashMap<PeerId, (Instant, Instant)>,
 }
 
 impl Loop {
@@ -614,6 +626,7 @@ impl Loop {
             max_epoch: 0,
             rival_epoch: 0,
             last_plan_check: Instant::now(),
+            heard_via: HashMap::new(),
         }
     }
 
@@ -745,8 +758,21 @@ impl Loop {
             }
             SwarmEvent::Behaviour(BehaviourEvent::Gossipsub(gossipsub::Event::Message {
                 message,
+                propagation_source,
                 ..
-            })) => self.on_gossip(message),
+            })) => {
+                // Heartbeats are flood-published: one that reaches us only
+                // through another device means the direct link is broken.
+                if let Some(src) = message.source {
+                    let now = Instant::now();
+                    let e = self.heard_via.entry(src).or_insert((now, now));
+                    e.1 = now;
+                    if propagation_source == src {
+                        e.0 = now;
+                    }
+                }
+                self.on_gossip(message)
+            }
             SwarmEvent::Behaviour(BehaviourEvent::Ping(ping::Event {
                 peer,
                 result: Ok(rtt),
@@ -754,6 +780,19 @@ impl Loop {
             })) => {
                 if let Some(p) = self.peers.get_mut(&peer) {
                     p.rtt = Some(rtt);
+                }
+                if let Some(r) = &self.s.ring {
+                    r.mark_ok(&peer.to_string());
+                }
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Ping(ping::Event {
+                peer,
+                result: Err(e),
+                ..
+            })) => {
+                tracing::debug!(%peer, error = %e, "ping failed");
+                if let Some(r) = &self.s.ring {
+                    r.mark_broken(&peer.to_string());
                 }
             }
             _ => {}
@@ -916,8 +955,28 @@ impl Loop {
         }
     }
 
+    /// Marks ring links broken or mended from how heartbeats arrive.
+    fn check_links(&self, now: Instant) {
+        let Some(ring) = &self.s.ring else { return };
+        for (peer, &(direct, any)) in &self.heard_via {
+            let recent =
+                now.duration_since(any) < Duration::from_millis(self.s.cfg.heartbeat_ms * 3);
+            if !recent {
+                continue; // silent altogether: membership's business
+            }
+            if now.duration_since(direct) > LINK_BROKEN_AFTER {
+                ring.mark_broken(&peer.to_string());
+            } else if now.duration_since(direct)
+                < Duration::from_millis(self.s.cfg.heartbeat_ms * 3)
+            {
+                ring.mark_ok(&peer.to_string());
+            }
+        }
+    }
+
     fn on_tick(&mut self) {
         let now = Instant::now();
+        self.check_links(now);
         let changes = self.membership.on_event(now, membership::Event::Tick);
         self.log_changes(&changes);
         self.update_election(now);
@@ -1038,6 +1097,19 @@ impl Loop {
                     memory_budget: p.ad.memory_budget,
                 });
             }
+        }
+        // Taking over from another coordinator: its pin (if the running
+        // plan is pinned) becomes ours, so a pin survives elections.
+        // (`force` is a pin being set here: that one stands.)
+        if let Some(cur) = ring.plan().filter(|p| p.coordinator != me && !force) {
+            *ring.pin.write().expect("pin") = cur.pinned.then(|| crate::ring::Pin {
+                k: cur.k,
+                windows: cur
+                    .devices
+                    .iter()
+                    .map(|d| (d.name.clone(), d.window))
+                    .collect(),
+            });
         }
         let mut pin = ring.pin.read().expect("pin").clone();
         // A pinned device that is gone (dead, left, lost the model) does not

@@ -612,6 +612,10 @@ impl Prepared {
                     self.fail(req, msg, out);
                 }
             }
+            // Unwrapped by the reader; never here.
+            Header::Relay { .. } => {
+                tracing::warn!(peer = %from, "a relay frame reached the executor; dropped")
+            }
             _ if from != prev => {
                 tracing::warn!(peer = %from, "ring frame from a device that is not my predecessor; dropped");
             }

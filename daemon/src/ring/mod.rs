@@ -83,6 +83,10 @@ pub struct RingAd {
     /// its cgroup's limit): Halda plans within it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub memory_budget: Option<u64>,
+    /// Links from this device that broke so far: the head retries a
+    /// session at once when a device on its ring reports a new one.
+    #[serde(default)]
+    pub link_breaks: u64,
 }
 
 /// What this device last heard from a peer.
@@ -178,6 +182,14 @@ pub struct Ring {
     live_epoch: AtomicU64,
     /// Set by [`Ring::leave`].
     leaving: AtomicBool,
+    /// Devices this one cannot reach directly now (a failed ping or
+    /// delivery) though they may be alive: frames to them go through
+    /// another plan member. Cleared when the link answers again.
+    broken: RwLock<HashMap<String, Instant>>,
+    /// Links that broke so far (sessions watch it to retry at once).
+    link_breaks: AtomicU64,
+    /// The sender task's queue, for frames relayed through this device.
+    relay_out: tokio::sync::mpsc::UnboundedSender<Outgoing>,
 }
 
 #[derive(Default, Serialize)]
@@ -233,6 +245,9 @@ impl Ring {
             adopted: Mutex::new((0, Instant::now())),
             live_epoch: AtomicU64::new(0),
             leaving: AtomicBool::new(false),
+            broken: RwLock::new(HashMap::new()),
+            link_breaks: AtomicU64::new(0),
+            relay_out: out_tx.clone(),
         });
         tokio::spawn(sender(ring.clone(), out_rx));
         ring
@@ -410,6 +425,78 @@ impl Ring {
         crate::events::record("leave", "this device is leaving the ring", None);
     }
 
+    /// The direct link to `id` failed (a ping or a delivery).
+    pub fn mark_broken(&self, id: &str) {
+        let Some(plan) = self.plan() else { return };
+        let Some(rank) = plan.rank_of(id) else { return };
+        if self.broken.read().expect("broken").contains_key(id) {
+            return;
+        }
+        self.broken
+            .write()
+            .expect("broken")
+            .insert(id.to_string(), Instant::now());
+        let n = self.link_breaks.fetch_add(1, Ordering::Relaxed) + 1;
+        self.local.write().expect("local").link_breaks = n;
+        let name = &plan.devices[rank].name;
+        let via = self
+            .relay_for(id)
+            .and_then(|v| plan.rank_of(&v).map(|r| plan.devices[r].name.clone()));
+        tracing::warn!(device = %name, via = ?via, "the link to a ring device broke: relaying");
+        crate::events::record(
+            "link",
+            match via {
+                Some(v) => format!("link to {name} broke: relaying through {v}"),
+                None => format!("link to {name} broke and no device can relay"),
+            },
+            None,
+        );
+    }
+
+    /// The direct link to `id` works (a ping answered).
+    pub fn mark_ok(&self, id: &str) {
+        if self.broken.read().expect("broken").contains_key(id) {
+            let since = self.broken.write().expect("broken").remove(id);
+            let name = self
+                .plan()
+                .and_then(|p| p.rank_of(id).map(|r| p.devices[r].name.clone()))
+                .unwrap_or_else(|| id.to_string());
+            tracing::info!(device = %name, "the link to a ring device is back");
+            crate::events::record(
+                "link",
+                format!("link to {name} is back"),
+                since.map(|t| t.elapsed()),
+            );
+        }
+    }
+
+    fn is_broken(&self, id: &str) -> bool {
+        self.broken.read().expect("broken").contains_key(id)
+    }
+
+    /// Link breaks seen by this device and reported by the others.
+    pub fn link_breaks(&self) -> u64 {
+        let others: u64 = self
+            .peers
+            .read()
+            .expect("peers")
+            .values()
+            .map(|p| p.ad.link_breaks)
+            .sum();
+        self.link_breaks.load(Ordering::Relaxed) + others
+    }
+
+    /// A plan member that can pass frames on to `to`: not this device, not
+    /// `to`, not one this device cannot reach either.
+    fn relay_for(&self, to: &str) -> Option<String> {
+        let plan = self.plan()?;
+        plan.devices
+            .iter()
+            .map(|d| &d.id)
+            .find(|id| **id != self.me && *id != to && !self.is_broken(id))
+            .cloned()
+    }
+
     pub fn is_leaving(&self) -> bool {
         self.leaving.load(Ordering::Relaxed)
     }
@@ -511,6 +598,8 @@ impl Ring {
             history: Vec::new(),
             replays: 0,
             failed_at: None,
+            seen_breaks: self.link_breaks(),
+            retried: false,
             tx,
             rx,
         }
@@ -598,12 +687,20 @@ pub struct RingSession<'r> {
     /// When the current failure was first seen (cleared once a replay
     /// answers): the stall the event log reports.
     failed_at: Option<Instant>,
+    /// Broken links known when the last attempt began.
+    seen_breaks: u64,
+    /// Whether the session already retried its plan as it was after a
+    /// lost answer (cleared by the next success).
+    retried: bool,
     tx: mpsc::Sender<Logits>,
     rx: mpsc::Receiver<Logits>,
 }
 
 /// Most replays of one session before giving up.
-const MAX_REPLAYS: u32 = 3;
+const MAX_REPLAYS: u32 = 5;
+
+/// A session's attempt ended because a link on the ring broke.
+const LINK_BROKE: &str = "a link on the ring broke";
 
 impl RingSession<'_> {
     /// A newer live plan than this session's, if one is live now or
@@ -676,6 +773,7 @@ impl RingSession<'_> {
             .fetch_add(n as u64, Ordering::Relaxed);
         let wait = self.ring.settings.timeout * n as u32;
         let deadline = Instant::now() + wait;
+        self.seen_breaks = self.ring.link_breaks();
         // A newer plan with other windows (the coordinator planned around
         // a device that died or froze) ends the wait early: what is on the
         // way will not come back.
@@ -691,6 +789,11 @@ impl RingSession<'_> {
                             && !p.same_layout(&self.plan)
                     }) {
                         break Ok(Err(exec::REPLANNED.to_string()));
+                    }
+                    // A link broke: what went that way may be lost; the
+                    // next attempt goes round it.
+                    if self.ring.link_breaks() > self.seen_breaks {
+                        break Ok(Err(LINK_BROKE.to_string()));
                     }
                 }
                 Err(e) => break Err(e),
@@ -747,6 +850,7 @@ impl Evaluator for RingSession<'_> {
             match self.try_eval(&feed) {
                 Ok(l) => {
                     self.history.extend_from_slice(tokens);
+                    self.retried = false;
                     if let Some(t) = self.failed_at.take() {
                         crate::events::record(
                             "resume",
@@ -774,12 +878,26 @@ impl Evaluator for RingSession<'_> {
                     // after `dead_after`; the coordinator (elected anew if
                     // it was the one lost) then plans without it, pinned
                     // or not.
+                    // A link broke during the attempt: retry at once (the
+                    // frames now go round it). Other failures first wait
+                    // for the coordinator's next plan.
                     let wait = if e == exec::REPLANNED {
                         self.ring.settings.timeout
+                    } else if e == LINK_BROKE {
+                        Duration::ZERO
                     } else {
                         self.ring.dead_after * 2 + Duration::from_secs(2)
                     };
-                    match self.newer_plan(wait) {
+                    // A broken link is relayed around on the same plan; an
+                    // answer lost with no plan change and no known cause
+                    // gets one more try on the same plan too.
+                    let next = self.newer_plan(wait).or_else(|| {
+                        let broke = e == LINK_BROKE || self.ring.link_breaks() > self.seen_breaks;
+                        let again = broke || !self.retried;
+                        self.retried = true;
+                        again.then(|| self.plan.clone())
+                    });
+                    match next {
                         Some(p) => {
                             crate::events::record(
                                 "replay",
@@ -860,68 +978,114 @@ async fn sender(ring: Arc<Ring>, mut rx: UnboundedReceiver<Outgoing>) {
     }
 }
 
-async fn deliver(ring: &Arc<Ring>, streams: &mut HashMap<PeerId, Stream>, o: Outgoing) {
-    {
-        let Ok(peer) = o.to.parse::<PeerId>() else {
-            return;
-        };
-        let timeout = ring.settings.timeout;
-        let mut result = Err(String::new());
-        for _attempt in 0..2 {
-            if let std::collections::hash_map::Entry::Vacant(e) = streams.entry(peer) {
-                let control = ring.control.read().expect("control").clone();
-                let Some(mut control) = control else {
-                    result = Err("the cluster is not running".into());
-                    break;
-                };
-                match tokio::time::timeout(timeout, control.open_stream(peer, RING_PROTOCOL)).await
-                {
-                    Ok(Ok(s)) => {
-                        e.insert(s);
-                    }
-                    Ok(Err(err)) => {
-                        result = Err(err.to_string());
-                        continue;
-                    }
-                    Err(_) => {
-                        result = Err(format!("no stream within {timeout:?}"));
-                        continue;
-                    }
+/// Writes `frame` on the stream to `peer`, opening it if needed; one retry
+/// on a fresh stream.
+async fn send_direct(
+    ring: &Arc<Ring>,
+    streams: &mut HashMap<PeerId, Stream>,
+    peer: PeerId,
+    frame: &Frame,
+) -> Result<(), String> {
+    let timeout = ring.settings.timeout;
+    let mut result = Err(String::new());
+    for _attempt in 0..2 {
+        if let std::collections::hash_map::Entry::Vacant(e) = streams.entry(peer) {
+            let control = ring.control.read().expect("control").clone();
+            let Some(mut control) = control else {
+                return Err("the cluster is not running".into());
+            };
+            match tokio::time::timeout(timeout, control.open_stream(peer, RING_PROTOCOL)).await {
+                Ok(Ok(s)) => {
+                    e.insert(s);
+                }
+                Ok(Err(err)) => {
+                    result = Err(err.to_string());
+                    continue;
+                }
+                Err(_) => {
+                    result = Err(format!("no stream within {timeout:?}"));
+                    continue;
                 }
             }
-            let s = streams.get_mut(&peer).expect("opened above");
-            match tokio::time::timeout(timeout, wire::write_frame(s, &o.frame)).await {
-                Ok(Ok(())) => {
-                    result = Ok(());
-                    break;
-                }
-                Ok(Err(e)) => result = Err(e.to_string()),
-                Err(_) => result = Err(format!("write blocked for {timeout:?}")),
-            }
-            streams.remove(&peer);
         }
-        if let Err(e) = result {
-            let name = ring
-                .plan()
-                .and_then(|p| {
-                    p.devices
-                        .iter()
-                        .find(|d| d.id == o.to)
-                        .map(|d| d.name.clone())
-                })
-                .unwrap_or_else(|| o.to.clone());
-            tracing::warn!(device = %name, error = %e, "ring frame not delivered");
-            if let Header::Act { layout, req, .. } | Header::Kv { layout, req, .. } = o.frame.header
-            {
-                ring.to_exec(Input::Frame {
-                    from: ring.me.clone(),
-                    frame: Frame::control(Header::Fail {
-                        layout,
-                        req,
-                        msg: format!("device '{name}' cannot be reached: {e}"),
-                    }),
-                });
+        let s = streams.get_mut(&peer).expect("opened above");
+        match tokio::time::timeout(timeout, wire::write_frame(s, frame)).await {
+            Ok(Ok(())) => return Ok(()),
+            Ok(Err(e)) => result = Err(e.to_string()),
+            Err(_) => result = Err(format!("write blocked for {timeout:?}")),
+        }
+        streams.remove(&peer);
+    }
+    result
+}
+
+/// Delivers one frame: straight to its device, or through another plan
+/// member when the direct link is broken (or breaks now). A frame that
+/// cannot be delivered fails its session at the head.
+async fn deliver(ring: &Arc<Ring>, streams: &mut HashMap<PeerId, Stream>, o: Outgoing) {
+    let Ok(peer) = o.to.parse::<PeerId>() else {
+        return;
+    };
+    // A frame this device relays for another goes straight on (one relay
+    // at most).
+    let relaying = matches!(o.frame.header, Header::Relay { .. });
+    let via = |ring: &Arc<Ring>| {
+        ring.relay_for(&o.to)
+            .and_then(|v| v.parse::<PeerId>().ok())
+            .map(|v| {
+                (
+                    v,
+                    Frame {
+                        header: Header::Relay {
+                            from: ring.me.clone(),
+                            to: o.to.clone(),
+                            inner: Box::new(o.frame.header.clone()),
+                        },
+                        payload: o.frame.payload.clone(),
+                    },
+                )
+            })
+    };
+    if !relaying && ring.is_broken(&o.to) {
+        if let Some((v, f)) = via(ring) {
+            if send_direct(ring, streams, v, &f).await.is_ok() {
+                return;
             }
+        }
+    }
+    let mut result = send_direct(ring, streams, peer, &o.frame).await;
+    if result.is_err() && !relaying {
+        ring.mark_broken(&o.to);
+        if let Some((v, f)) = via(ring) {
+            if send_direct(ring, streams, v, &f).await.is_ok() {
+                result = Ok(());
+            }
+        }
+    }
+    if let Err(e) = result {
+        let name = ring
+            .plan()
+            .and_then(|p| {
+                p.devices
+                    .iter()
+                    .find(|d| d.id == o.to)
+                    .map(|d| d.name.clone())
+            })
+            .unwrap_or_else(|| o.to.clone());
+        tracing::warn!(device = %name, error = %e, "ring frame not delivered");
+        let header = match o.frame.header {
+            Header::Relay { inner, .. } => *inner,
+            h => h,
+        };
+        if let Header::Act { layout, req, .. } | Header::Kv { layout, req, .. } = header {
+            ring.to_exec(Input::Frame {
+                from: ring.me.clone(),
+                frame: Frame::control(Header::Fail {
+                    layout,
+                    req,
+                    msg: format!("device '{name}' cannot be reached: {e}"),
+                }),
+            });
         }
     }
 }
@@ -944,6 +1108,44 @@ async fn read_ring(ring: Arc<Ring>, from: String, mut stream: Stream) {
     loop {
         let limit = ring.max_payload.load(Ordering::Relaxed);
         match wire::read_frame(&mut stream, limit).await {
+            Ok(Some(Frame {
+                header:
+                    Header::Relay {
+                        from: origin,
+                        to,
+                        inner,
+                    },
+                payload,
+            })) => {
+                let members = ring
+                    .plan()
+                    .is_some_and(|p| p.rank_of(&to).is_some() && p.rank_of(&origin).is_some());
+                if to == ring.me {
+                    // Relayed to us: as if `origin` had sent it.
+                    ring.to_exec(Input::Frame {
+                        from: origin,
+                        frame: Frame {
+                            header: *inner,
+                            payload,
+                        },
+                    });
+                } else if origin == from && members {
+                    // Pass it on for a member whose link to `to` broke.
+                    let _ = ring.relay_out.send(Outgoing {
+                        to: to.clone(),
+                        frame: Frame {
+                            header: Header::Relay {
+                                from: origin,
+                                to,
+                                inner,
+                            },
+                            payload,
+                        },
+                    });
+                } else {
+                    tracing::warn!(peer = %from, "dropped a relayed frame not from its sender or not for the plan");
+                }
+            }
             Ok(Some(frame)) => ring.to_exec(Input::Frame {
                 from: from.clone(),
                 frame,

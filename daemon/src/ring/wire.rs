@@ -44,6 +44,13 @@ pub enum Header {
     Kv { layout: u64, req: u64, op: KvOp },
     /// A device could not run session `req`; passed on to the head.
     Fail { layout: u64, req: u64, msg: String },
+    /// A frame from `from` for `to` whose direct link is broken, passed
+    /// through the receiving device (one relay at most).
+    Relay {
+        from: String,
+        to: String,
+        inner: Box<Header>,
+    },
 }
 
 impl Header {
@@ -52,12 +59,14 @@ impl Header {
             Header::Act { layout, .. }
             | Header::Kv { layout, .. }
             | Header::Fail { layout, .. } => *layout,
+            Header::Relay { inner, .. } => inner.layout(),
         }
     }
 
     pub fn req(&self) -> u64 {
         match self {
             Header::Act { req, .. } | Header::Kv { req, .. } | Header::Fail { req, .. } => *req,
+            Header::Relay { inner, .. } => inner.req(),
         }
     }
 }
@@ -87,6 +96,8 @@ pub enum WireError {
     },
     #[error("{kind} frame with a {got}-byte payload (must be empty)")]
     UnexpectedPayload { kind: &'static str, got: usize },
+    #[error("a relayed frame inside a relayed frame")]
+    NestedRelay,
 }
 
 impl Frame {
@@ -134,6 +145,12 @@ impl Frame {
                         kind: "control",
                         got: self.payload.len(),
                     });
+                }
+            }
+            // The inner frame is checked where it is unwrapped.
+            Header::Relay { inner, .. } => {
+                if matches!(**inner, Header::Relay { .. }) {
+                    return Err(WireError::NestedRelay);
                 }
             }
         }
@@ -304,5 +321,38 @@ mod tests {
         k.payload = vec![1];
         assert!(k.check(3).is_err());
         assert!(Frame::act(act(0), &[]).check(3).is_err());
+    }
+
+    #[test]
+    fn relayed_frames_carry_their_sender_and_nest_once() {
+        block_on(async {
+            let inner = act(1);
+            let f = Frame {
+                header: Header::Relay {
+                    from: "a".into(),
+                    to: "b".into(),
+                    inner: Box::new(inner.clone()),
+                },
+                payload: Frame::act(inner, &[1.0, 2.0, 3.0]).payload,
+            };
+            let mut buf = Cursor::new(Vec::new());
+            write_frame(&mut buf, &f).await.unwrap();
+            let g = read_frame(&mut Cursor::new(buf.into_inner()), 1 << 20)
+                .await
+                .unwrap()
+                .unwrap();
+            assert_eq!(g, f);
+            g.check(3).unwrap();
+            assert_eq!(
+                (g.header.layout(), g.header.req()),
+                (f.header.layout(), f.header.req())
+            );
+            let nested = Frame::control(Header::Relay {
+                from: "a".into(),
+                to: "b".into(),
+                inner: Box::new(g.header.clone()),
+            });
+            assert!(matches!(nested.check(3), Err(WireError::NestedRelay)));
+        });
     }
 }
