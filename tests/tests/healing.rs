@@ -306,14 +306,28 @@ fn a_device_whose_link_drops_is_planned_around_and_used_again_when_it_returns() 
     std::thread::sleep(Duration::from_secs(10).saturating_sub(down.elapsed()));
     hosts.set_link(laptop, true).expect("link up");
     let back = Instant::now();
+    let back_ms = unix_ms();
     let with = wait_live(&ds, "with the laptop again", |p| {
         windows(p).iter().any(|(n, _)| *n == laptop_name)
     });
     let took = back.elapsed();
+    let seen = event_at(&ds[coord], back_ms, "back", &laptop_name)
+        .or_else(|| event_at(&ds[coord], back_ms, "join", &laptop_name))
+        .map(|t| t.saturating_sub(back_ms));
     eprintln!(
-        "{laptop_name} back: used again after {took:?}: {:?}",
+        "{laptop_name} back: used again after {took:?} (alive again at the coordinator after {seen:?} ms): {:?}",
         windows(&with)
     );
+    if std::env::var("PRIMA_DEBUG_EVENTS").is_ok() {
+        for (i, d) in ds.iter().enumerate() {
+            for e in status(d)["events"].as_array().unwrap() {
+                let at = e["at_ms"].as_u64().unwrap_or(0);
+                if at >= back_ms {
+                    eprintln!("  dev{i} +{} ms {} {}", at - back_ms, e["kind"], e["text"]);
+                }
+            }
+        }
+    }
     assert!(took <= Duration::from_secs(5), "rejoined after {took:?}");
     let head = ds
         .iter()
@@ -584,7 +598,6 @@ fn a_link_broken_between_two_live_devices_is_relayed_around() {
     let args = ["ask", "--raw", "-t", "0", "-n", "128", raw];
     let (text, ok, err, gap, total) = stream_ask(&hosts, &ds[0], &args, || {
         hosts.block(1, 2, true).expect("iptables");
-        eprintln!("blocked at {} ms", unix_ms());
     });
     assert!(ok, "the answer survives a broken link: {err}");
     assert_eq!(text.trim_end(), want.trim_end());
@@ -601,11 +614,13 @@ fn a_link_broken_between_two_live_devices_is_relayed_around() {
         "dev1 or dev2 relays:\n{}",
         ds[1].log()
     );
+    // The devices are alive: the plan keeps its windows (its epoch may
+    // grow as the link's RTT leaves the ads; that reloads nothing).
     let now = status(&ds[0])["plan"].clone();
-    assert_eq!(now["epoch"], p["epoch"], "no replan: the devices are alive");
+    assert_eq!(windows(&now), windows(&p), "the same plan");
     eprintln!(
-        "dev1-dev2 link broken mid-answer: complete in {total:?}, longest stall {gap:?}, plan epoch {} kept",
-        now["epoch"]
+        "dev1-dev2 link broken mid-answer: complete in {total:?}, longest stall {gap:?}, plan {:?} kept",
+        windows(&now)
     );
     // Steady state through the relay, then the direct path again.
     let (text, ok, err, gap, total) = stream_ask(&hosts, &ds[0], &args, || {});

@@ -979,6 +979,16 @@ impl Loop {
         self.check_links(now);
         let changes = self.membership.on_event(now, membership::Event::Tick);
         self.log_changes(&changes);
+        // A dead device's connections go: after a long cut TCP would resend
+        // on them only after its backed-off timeout (seconds), so when the
+        // device is back, fresh connections (redialled every second) carry
+        // gossip at once.
+        for c in changes.iter().filter(|c| c.to == Some(PeerState::Dead)) {
+            if let Ok(p) = c.peer.parse::<PeerId>() {
+                let _ = self.swarm.disconnect_peer_id(p);
+                self.heard_via.remove(&p);
+            }
+        }
         self.update_election(now);
         if let Some(v) = self.election.on_event(now, election::Event::Tick) {
             tracing::info!(coordinator = %v.coordinator, term = v.term, "coordinator elected");
