@@ -699,6 +699,13 @@ fn status(api: &Api, json: bool, verbose: bool) -> Result<()> {
                 .collect();
             println!("        resident in memory: {}", parts.join(", "));
         }
+        if let Some(bw) = r["bandwidth_mbit_s"].as_array().filter(|b| !b.is_empty()) {
+            let parts: Vec<String> = bw
+                .iter()
+                .map(|l| format!("{} {:.0} Mbit/s", s(&l[0]), l[1].as_f64().unwrap_or(0.0)))
+                .collect();
+            println!("        measured links: {}", parts.join(", "));
+        }
     }
     print_cluster(&v["cluster"]);
     let l = &v["load"];

@@ -681,6 +681,7 @@ async fn status(State(st): St) -> Result<Json<Value>, ApiError> {
             "forwarded": r.stats.forwarded.load(Ordering::Relaxed),
             "batches": r.stats.batches.load(Ordering::Relaxed),
             "resident": r.resident(),
+            "bandwidth_mbit_s": r.local_ad().bandwidth,
         })),
         "cluster": st.cluster.as_ref().map(|c| c.status.read().expect("cluster status").clone()),
         "load": {

@@ -403,6 +403,7 @@ async fn ring_upkeep(ring: Arc<Ring>, st: Arc<AppState>) {
         if ring.local_ad().device != p {
             ring.set_device_profile(p);
         }
+        ring.probe_bandwidth().await;
         tokio::time::sleep(Duration::from_secs(2)).await;
     }
 }

@@ -133,6 +133,29 @@ impl Hosts {
         Ok(())
     }
 
+    /// Limits what host `i` sends to `mbit` Mbit/s (tbf on its interface).
+    pub fn shape(&self, i: usize, mbit: u32) -> Result<()> {
+        ip(&[
+            "netns",
+            "exec",
+            &self.ns(i),
+            "tc",
+            "qdisc",
+            "replace",
+            "dev",
+            "eth0",
+            "root",
+            "tbf",
+            "rate",
+            &format!("{mbit}mbit"),
+            "burst",
+            "32kb",
+            "latency",
+            "100ms",
+        ])
+        .map(|_| ())
+    }
+
     /// Cuts host `i` off (its end of the veth down) or reconnects it.
     pub fn set_link(&self, i: usize, up: bool) -> Result<()> {
         ip(&[

@@ -62,13 +62,14 @@ fn check_plan(ds: &[NsDaemon], k: u32, plan: &[(&str, u32)], ask_on: usize, want
         want.trim_end_matches('\n'),
         "plan {plan:?} k={k}"
     );
-    assert_eq!(
-        ring_stat(&ds[head], "head_requests"),
-        head_before + 1,
+    // At least once: a request the ring fails under (a busy CI machine can
+    // delay a hop past the deadline) is resumed, and may count twice.
+    assert!(
+        ring_stat(&ds[head], "head_requests") > head_before,
         "the head answered through the ring"
     );
     if ask_on != head {
-        assert_eq!(ring_stat(&ds[ask_on], "forwarded"), fwd_before + 1);
+        assert!(ring_stat(&ds[ask_on], "forwarded") > fwd_before);
     }
 }
 
@@ -199,4 +200,39 @@ fn layers_beyond_the_memory_budget_stream_and_answers_stay_exact() {
             d.log()
         );
     }
+}
+
+/// Each device measures its links' bandwidth over libp2p and advertises it
+/// to Halda: a link shaped to 40 Mbit/s reads as such, an unshaped one far
+/// faster.
+#[test]
+fn link_bandwidth_is_measured() {
+    let hosts = Hosts::create(3).expect("hosts");
+    hosts.shape(0, 40).expect("tc");
+    let ds = household(&hosts, SMOLLM2, "smollm2-135m", "");
+    let measured = |d: &NsDaemon| -> Vec<(String, f64)> {
+        status(d)["ring"]["bandwidth_mbit_s"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .map(|l| (l[0].as_str().unwrap().to_string(), l[1].as_f64().unwrap()))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let t = Instant::now();
+    while measured(&ds[0]).len() < 2 || measured(&ds[1]).len() < 2 {
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "no bandwidth measured"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let (from0, from1) = (measured(&ds[0]), measured(&ds[1]));
+    eprintln!("dev0 (shaped to 40 Mbit/s): {from0:?}; dev1: {from1:?}");
+    for (_, b) in &from0 {
+        assert!((20.0..=60.0).contains(b), "shaped link measured {b} Mbit/s");
+    }
+    let to2 = from1.iter().find(|(n, _)| n == "dev2").unwrap().1;
+    assert!(to2 > 200.0, "an unshaped veth measured {to2} Mbit/s");
 }

@@ -1081,6 +1081,7 @@ impl Loop {
                 ram_mb: self.s.profile.ram_mb,
                 links: self.links(),
                 memory_budget: local.memory_budget,
+                bandwidth: local.bandwidth.clone(),
             });
         }
         {
@@ -1105,6 +1106,7 @@ impl Loop {
                     ram_mb: prof.as_ref().map(|p| p.ram_mb).unwrap_or(1024),
                     links: p.ad.links.clone(),
                     memory_budget: p.ad.memory_budget,
+                    bandwidth: p.ad.bandwidth.clone(),
                 });
             }
         }
@@ -1138,7 +1140,8 @@ impl Loop {
             }
         }
         // Material changes only: a device measured, its free memory moving
-        // by more than about 20%, a slow link's RTT doubling.
+        // by more than about 20%, a slow link's RTT or any link's bandwidth
+        // doubling.
         let key = serde_json::to_string(&(
             cands
                 .iter()
@@ -1157,7 +1160,13 @@ impl Loop {
                             (n.clone(), b)
                         })
                         .collect();
-                    (&c.id, c.device.is_some(), mem, links)
+                    // A link's bandwidth halving or doubling is material.
+                    let bw: Vec<(String, i64)> = c
+                        .bandwidth
+                        .iter()
+                        .map(|(n, b)| (n.clone(), b.max(1.0).log2().round() as i64))
+                        .collect();
+                    (&c.id, c.device.is_some(), mem, links, bw)
                 })
                 .collect::<Vec<_>>(),
             &model,

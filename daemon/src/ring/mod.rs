@@ -46,6 +46,11 @@ pub const ASK_PROTOCOL: StreamProtocol = StreamProtocol::new("/prima/ask/1");
 pub const MAX_UBATCH: usize = 512;
 /// Largest `/prima/ask/1` message.
 const MAX_ASK_BYTES: usize = 1 << 20;
+/// Link bandwidth probes: the prober sends this many bytes, the peer acks.
+pub const BW_PROTOCOL: StreamProtocol = StreamProtocol::new("/prima/bw/1");
+const BW_PROBE_BYTES: usize = 1 << 20;
+/// A bandwidth measurement is redone after this long.
+const BW_MAX_AGE: Duration = Duration::from_secs(600);
 
 /// A model this device can serve in a ring.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -87,6 +92,10 @@ pub struct RingAd {
     /// session at once when a device on its ring reports a new one.
     #[serde(default)]
     pub link_breaks: u64,
+    /// Measured throughput to other devices (name, Mbit/s) over the libp2p
+    /// connection: Halda's per-hop transfer time.
+    #[serde(default)]
+    pub bandwidth: Vec<(String, f64)>,
 }
 
 /// What this device last heard from a peer.
@@ -190,6 +199,8 @@ pub struct Ring {
     link_breaks: AtomicU64,
     /// The sender task's queue, for frames relayed through this device.
     relay_out: tokio::sync::mpsc::UnboundedSender<Outgoing>,
+    /// Measured bandwidth to other devices: peer id -> (name, Mbit/s, when).
+    bandwidth: RwLock<HashMap<String, (String, f64, Instant)>>,
 }
 
 #[derive(Default, Serialize)]
@@ -248,6 +259,7 @@ impl Ring {
             broken: RwLock::new(HashMap::new()),
             link_breaks: AtomicU64::new(0),
             relay_out: out_tx.clone(),
+            bandwidth: RwLock::new(HashMap::new()),
         });
         tokio::spawn(sender(ring.clone(), out_rx));
         ring
@@ -345,6 +357,12 @@ impl Ring {
                 tokio::spawn(accept_ring(self.clone(), incoming));
             }
             Err(e) => tracing::error!(error = %e, "ring protocol"),
+        }
+        match control.accept(BW_PROTOCOL) {
+            Ok(incoming) => {
+                tokio::spawn(accept_bw(incoming));
+            }
+            Err(e) => tracing::error!(error = %e, "bandwidth protocol"),
         }
         match control.accept(ASK_PROTOCOL) {
             Ok(incoming) => {
@@ -495,6 +513,64 @@ impl Ring {
             .map(|d| &d.id)
             .find(|id| **id != self.me && *id != to && !self.is_broken(id))
             .cloned()
+    }
+
+    /// Measures the bandwidth to one device that holds the model and has no
+    /// fresh measurement (one per call, so probes do not overlap).
+    pub async fn probe_bandwidth(&self) {
+        let due = {
+            let bw = self.bandwidth.read().expect("bandwidth");
+            let peers = self.peers.read().expect("peers");
+            peers
+                .iter()
+                .filter(|(_, p)| p.ad.model.is_some() && p.heard.elapsed() < self.dead_after)
+                .find(|(id, _)| bw.get(*id).is_none_or(|(_, _, t)| t.elapsed() > BW_MAX_AGE))
+                .map(|(id, p)| (id.clone(), p.name.clone()))
+        };
+        let Some((id, name)) = due else { return };
+        let Ok(peer) = id.parse::<PeerId>() else {
+            return;
+        };
+        let Some(mut control) = self.control.read().expect("control").clone() else {
+            return;
+        };
+        let probe = async {
+            let mut s = control
+                .open_stream(peer, BW_PROTOCOL)
+                .await
+                .map_err(|e| e.to_string())?;
+            let t = Instant::now();
+            let chunk = vec![0u8; 64 << 10];
+            s.write_all(&(BW_PROBE_BYTES as u32).to_le_bytes())
+                .await
+                .map_err(|e| e.to_string())?;
+            for _ in 0..BW_PROBE_BYTES / chunk.len() {
+                s.write_all(&chunk).await.map_err(|e| e.to_string())?;
+            }
+            s.flush().await.map_err(|e| e.to_string())?;
+            let mut ack = [0u8; 1];
+            s.read_exact(&mut ack).await.map_err(|e| e.to_string())?;
+            Ok::<_, String>(t.elapsed())
+        };
+        // A failed probe is retried at the next call, after the others.
+        let took = match tokio::time::timeout(Duration::from_secs(10), probe).await {
+            Ok(Ok(t)) => t,
+            Ok(Err(e)) => {
+                tracing::debug!(device = %name, error = %e, "bandwidth probe failed");
+                return;
+            }
+            Err(_) => {
+                tracing::debug!(device = %name, "bandwidth probe timed out");
+                return;
+            }
+        };
+        let mbit = BW_PROBE_BYTES as f64 * 8.0 / 1e6 / took.as_secs_f64().max(1e-6);
+        tracing::info!(device = %name, mbit_s = format!("{mbit:.0}"), "measured the link bandwidth");
+        let mut bw = self.bandwidth.write().expect("bandwidth");
+        bw.insert(id, (name, mbit, Instant::now()));
+        let mut list: Vec<(String, f64)> = bw.values().map(|(n, m, _)| (n.clone(), *m)).collect();
+        list.sort_by(|a, b| a.0.cmp(&b.0));
+        self.local.write().expect("local").bandwidth = list;
     }
 
     pub fn is_leaving(&self) -> bool {
@@ -1187,6 +1263,37 @@ async fn read_msg<R: futures_util::io::AsyncRead + Unpin>(
     let mut buf = vec![0u8; n];
     r.read_exact(&mut buf).await?;
     Ok(Some(buf))
+}
+
+/// Answers bandwidth probes: reads the announced bytes (bounded), acks.
+async fn accept_bw(mut incoming: libp2p_stream::IncomingStreams) {
+    while let Some((peer, mut s)) = incoming.next().await {
+        tokio::spawn(async move {
+            let serve = async {
+                let mut len = [0u8; 4];
+                s.read_exact(&mut len).await?;
+                let n = u32::from_le_bytes(len) as usize;
+                if n > 4 * BW_PROBE_BYTES {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::InvalidData,
+                        format!("probe of {n} bytes (limit {})", 4 * BW_PROBE_BYTES),
+                    ));
+                }
+                let mut buf = vec![0u8; 64 << 10];
+                let mut left = n;
+                while left > 0 {
+                    let k = left.min(buf.len());
+                    s.read_exact(&mut buf[..k]).await?;
+                    left -= k;
+                }
+                s.write_all(&[1]).await?;
+                s.close().await
+            };
+            if let Ok(Err(e)) = tokio::time::timeout(Duration::from_secs(10), serve).await {
+                tracing::debug!(%peer, error = %e, "bandwidth probe refused");
+            }
+        });
+    }
 }
 
 /// Answers requests other devices pass to this head.

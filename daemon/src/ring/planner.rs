@@ -21,6 +21,8 @@ pub struct Candidate {
     pub links: Vec<(String, f64)>,
     /// The memory the device lets the ring use, if limited.
     pub memory_budget: Option<u64>,
+    /// Measured throughput to other candidates, by name (Mbit/s).
+    pub bandwidth: Vec<(String, f64)>,
 }
 
 pub struct Request<'a> {
@@ -165,10 +167,17 @@ pub fn make_plan(r: &Request) -> Result<Planned, String> {
             .iter()
             .filter_map(|(peer, rtt)| {
                 let i = r.candidates.iter().position(|o| &o.name == peer)?;
+                let bandwidth_mbit_s = c
+                    .bandwidth
+                    .iter()
+                    .find(|(n, _)| n == peer)
+                    .map(|(_, b)| *b)
+                    .filter(|b| b.is_finite() && *b > 0.0)
+                    .unwrap_or(0.0);
                 Some(halda::Link {
                     peer: names[i].clone(),
                     rtt_ms: *rtt,
-                    bandwidth_mbit_s: 0.0,
+                    bandwidth_mbit_s,
                 })
             })
             .collect();
@@ -321,6 +330,7 @@ mod tests {
             ram_mb: 8192,
             links: vec![],
             memory_budget: None,
+            bandwidth: vec![],
         }
     }
 
