@@ -351,7 +351,7 @@ fn serve(
                 // A dead head is noticed after `dead_after`; if it was the
                 // coordinator too, a new one is elected first.
                 let wait = ring.dead_after * 3 + ring.settings.timeout;
-                if !ring.wait_for_plan_after(epoch, wait) {
+                if ring.wait_for_plan_after(epoch, None, wait).is_none() {
                     return Err(e);
                 }
                 stats.failovers.fetch_add(1, Ordering::Relaxed);

@@ -634,15 +634,23 @@ impl Ring {
         Some(p)
     }
 
-    /// Waits until a plan newer than `epoch` is live; false after `wait`.
-    pub fn wait_for_plan_after(&self, epoch: u64, wait: Duration) -> bool {
+    /// A live plan newer than `epoch` (for the model `sha256`, if given),
+    /// live now or within `wait`.
+    pub fn wait_for_plan_after(
+        &self,
+        epoch: u64,
+        sha256: Option<&str>,
+        wait: Duration,
+    ) -> Option<RingPlan> {
         let t = Instant::now();
         loop {
-            if self.live_plan().is_some_and(|p| p.epoch > epoch) {
-                return true;
+            if let Some(p) = self.live_plan() {
+                if p.epoch > epoch && sha256.is_none_or(|s| p.sha256 == s) {
+                    return Some(p);
+                }
             }
             if t.elapsed() >= wait {
-                return false;
+                return None;
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -782,18 +790,8 @@ impl RingSession<'_> {
     /// A newer live plan than this session's, if one is live now or
     /// becomes live within `wait`.
     fn newer_plan(&self, wait: Duration) -> Option<RingPlan> {
-        let t = Instant::now();
-        loop {
-            if let Some(p) = self.ring.live_plan() {
-                if p.epoch > self.plan.epoch && p.sha256 == self.plan.sha256 {
-                    return Some(p);
-                }
-            }
-            if t.elapsed() >= wait {
-                return None;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        self.ring
+            .wait_for_plan_after(self.plan.epoch, Some(&self.plan.sha256), wait)
     }
 
     /// Moves the session onto `plan`: a new id, position 0.
