@@ -446,20 +446,18 @@ impl Ring {
     /// The direct link to `id` failed (a ping or a delivery).
     pub fn mark_broken(&self, id: &str) {
         let Some(plan) = self.plan() else { return };
-        let Some(rank) = plan.rank_of(id) else { return };
-        if self.broken.read().expect("broken").contains_key(id) {
-            return;
+        let Some(name) = plan.name_of(id) else { return };
+        match self.broken.write().expect("broken").entry(id.to_string()) {
+            std::collections::hash_map::Entry::Occupied(_) => return,
+            std::collections::hash_map::Entry::Vacant(e) => {
+                e.insert(Instant::now());
+            }
         }
-        self.broken
-            .write()
-            .expect("broken")
-            .insert(id.to_string(), Instant::now());
         let n = self.link_breaks.fetch_add(1, Ordering::Relaxed) + 1;
         self.local.write().expect("local").link_breaks = n;
-        let name = &plan.devices[rank].name;
         let via = self
             .relay_for(id)
-            .and_then(|v| plan.rank_of(&v).map(|r| plan.devices[r].name.clone()));
+            .and_then(|v| plan.name_of(&v).map(str::to_string));
         tracing::warn!(device = %name, via = ?via, "the link to a ring device broke: relaying");
         crate::events::record(
             "link",
@@ -473,17 +471,22 @@ impl Ring {
 
     /// The direct link to `id` works (a ping answered).
     pub fn mark_ok(&self, id: &str) {
-        if self.broken.read().expect("broken").contains_key(id) {
-            let since = self.broken.write().expect("broken").remove(id);
+        // Called on every ping and heartbeat tick: a read lock unless the
+        // link was marked broken.
+        if !self.is_broken(id) {
+            return;
+        }
+        let since = self.broken.write().expect("broken").remove(id);
+        if let Some(since) = since {
             let name = self
                 .plan()
-                .and_then(|p| p.rank_of(id).map(|r| p.devices[r].name.clone()))
+                .and_then(|p| p.name_of(id).map(str::to_string))
                 .unwrap_or_else(|| id.to_string());
             tracing::info!(device = %name, "the link to a ring device is back");
             crate::events::record(
                 "link",
                 format!("link to {name} is back"),
-                since.map(|t| t.elapsed()),
+                Some(since.elapsed()),
             );
         }
     }
@@ -1139,12 +1142,7 @@ async fn deliver(ring: &Arc<Ring>, streams: &mut HashMap<PeerId, Stream>, o: Out
     if let Err(e) = result {
         let name = ring
             .plan()
-            .and_then(|p| {
-                p.devices
-                    .iter()
-                    .find(|d| d.id == o.to)
-                    .map(|d| d.name.clone())
-            })
+            .and_then(|p| p.name_of(&o.to).map(str::to_string))
             .unwrap_or_else(|| o.to.clone());
         tracing::warn!(device = %name, error = %e, "ring frame not delivered");
         let header = match o.frame.header {

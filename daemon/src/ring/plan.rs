@@ -146,6 +146,14 @@ impl RingPlan {
         self.devices.iter().position(|d| d.id == id)
     }
 
+    /// The name of device `id`, if it is in the plan.
+    pub fn name_of(&self, id: &str) -> Option<&str> {
+        self.devices
+            .iter()
+            .find(|d| d.id == id)
+            .map(|d| d.name.as_str())
+    }
+
     /// Layer offset of `rank`'s window inside a round (order 1..M−1, 0).
     fn offset(&self, rank: usize) -> u32 {
         let m = self.devices.len();
