@@ -74,12 +74,41 @@ pub fn household(hosts: &Hosts, file: &str, name: &str, extra: &str) -> Vec<NsDa
     ds
 }
 
+/// The device every daemon follows as coordinator, once the election has
+/// settled: a device that just joined becomes a candidate only after a
+/// 500 ms grace, so the first coordinator may still hand over; the answer is
+/// one all agree on and that has held for a second.
 pub fn coordinator(ds: &[NsDaemon]) -> usize {
-    let s = status(&ds[0]);
-    let c = s["cluster"]["coordinator"].as_str().unwrap().to_string();
-    ds.iter()
-        .position(|d| status(d)["node"]["id"] == c.as_str())
-        .expect("the coordinator is one of ours")
+    let t = Instant::now();
+    let mut held: Option<(String, Instant)> = None;
+    loop {
+        let views: Vec<String> = ds
+            .iter()
+            .map(|d| {
+                status(d)["cluster"]["coordinator"]
+                    .as_str()
+                    .unwrap_or("")
+                    .to_string()
+            })
+            .collect();
+        let agreed = views.iter().all(|v| *v == views[0]) && !views[0].is_empty();
+        match &held {
+            Some((c, since)) if agreed && *c == views[0] => {
+                if since.elapsed() >= Duration::from_secs(1) {
+                    return ds
+                        .iter()
+                        .position(|d| status(d)["node"]["id"] == c.as_str())
+                        .expect("the coordinator is one of ours");
+                }
+            }
+            _ => held = agreed.then(|| (views[0].clone(), Instant::now())),
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "no settled coordinator after 20 s: {views:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 /// Waits until every daemon follows one live plan satisfying `f`; returns it.
@@ -122,12 +151,13 @@ pub fn windows(p: &Value) -> Vec<(String, u64)> {
 
 /// Pins `plan` (k, [(device, window)], head first) on the coordinator.
 pub fn pin(ds: &[NsDaemon], k: u32, plan: &[(&str, u32)]) {
-    let c = coordinator(ds);
+    let mut c = coordinator(ds);
     let mut args: Vec<String> = vec!["plan".into(), "set".into(), "--k".into(), k.to_string()];
     args.extend(plan.iter().map(|(n, w)| format!("{n}={w}")));
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     // Right after start-up a device's model may not have reached the
-    // coordinator yet: the pin is refused, saying so; try again.
+    // coordinator yet: the pin is refused, saying so; try again. Should the
+    // coordinator have handed over meanwhile, ask the new one.
     let t = Instant::now();
     loop {
         let o = ds[c].ctl(&args);
@@ -135,10 +165,15 @@ pub fn pin(ds: &[NsDaemon], k: u32, plan: &[(&str, u32)]) {
             break;
         }
         let err = String::from_utf8_lossy(&o.stderr);
+        let moved = err.contains("only the coordinator plans");
         assert!(
-            err.contains("not live or does not hold") && t.elapsed() < Duration::from_secs(10),
+            (moved || err.contains("not live or does not hold"))
+                && t.elapsed() < Duration::from_secs(10),
             "plan set: {o:?}"
         );
+        if moved {
+            c = coordinator(ds);
+        }
         std::thread::sleep(Duration::from_millis(200));
     }
 }
