@@ -12,10 +12,14 @@
 //! - [`tokenizer`]: byte-level BPE and SentencePiece vocabularies, chat templates.
 //! - [`sample`]: token sampling.
 //! - [`engine`]: single-device generation and perplexity on top of the above.
+//! - `gpu` (cargo feature `gpu`): the wgpu compute backend (Vulkan, Metal,
+//!   DX12) for the layers of a window.
 
 pub mod cpu;
 pub mod engine;
 pub mod gguf;
+#[cfg(feature = "gpu")]
+pub mod gpu;
 pub mod model;
 pub mod quant;
 pub mod sample;

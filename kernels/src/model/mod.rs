@@ -75,23 +75,23 @@ impl Hidden {
     }
 }
 
-struct Layer {
-    attn_norm: Vec<f32>,
-    wq: Weight,
-    wk: Weight,
-    wv: Weight,
-    wo: Weight,
-    bq: Option<Vec<f32>>,
-    bk: Option<Vec<f32>>,
-    bv: Option<Vec<f32>>,
-    q_norm: Option<Vec<f32>>,
-    k_norm: Option<Vec<f32>>,
-    post_attn_norm: Option<Vec<f32>>,
-    ffn_norm: Vec<f32>,
-    ffn_gate: Weight,
-    ffn_up: Weight,
-    ffn_down: Weight,
-    post_ffn_norm: Option<Vec<f32>>,
+pub(crate) struct Layer {
+    pub(crate) attn_norm: Vec<f32>,
+    pub(crate) wq: Weight,
+    pub(crate) wk: Weight,
+    pub(crate) wv: Weight,
+    pub(crate) wo: Weight,
+    pub(crate) bq: Option<Vec<f32>>,
+    pub(crate) bk: Option<Vec<f32>>,
+    pub(crate) bv: Option<Vec<f32>>,
+    pub(crate) q_norm: Option<Vec<f32>>,
+    pub(crate) k_norm: Option<Vec<f32>>,
+    pub(crate) post_attn_norm: Option<Vec<f32>>,
+    pub(crate) ffn_norm: Vec<f32>,
+    pub(crate) ffn_gate: Weight,
+    pub(crate) ffn_up: Weight,
+    pub(crate) ffn_down: Weight,
+    pub(crate) post_ffn_norm: Option<Vec<f32>>,
 }
 
 /// Called with each weight matrix of a layer right after the forward pass
@@ -194,6 +194,22 @@ impl Model {
         if let Some(h) = &self.after_weight {
             h(w);
         }
+    }
+
+    /// The weights of layer `il`, which this model must hold.
+    pub(crate) fn layer(&self, il: usize) -> Result<&Layer, ModelError> {
+        if !self.loaded.contains(&il) {
+            return Err(ModelError::LayerNotLoaded {
+                layer: il,
+                loaded: self.loaded.clone(),
+            });
+        }
+        Ok(&self.layers[il - self.loaded.start])
+    }
+
+    /// Token embedding, output projection and final norm.
+    pub(crate) fn ends(&self) -> (&Weight, &Weight, &[f32]) {
+        (&self.tok_embd, &self.output, &self.output_norm)
     }
 
     /// Layers whose weights this model holds.
