@@ -38,6 +38,7 @@ pub struct Config {
     pub catalog: Catalog,
     pub cluster: Cluster,
     pub ring: Ring,
+    pub gpu: Gpu,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -182,6 +183,26 @@ impl Default for Ring {
             prefetch: true,
             auto_profile: true,
             memory_budget_mb: 0,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Gpu {
+    pub enabled: bool,
+    pub adapter: String,
+    pub allow_software: bool,
+    pub memory_mb: u64,
+}
+
+impl Default for Gpu {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            adapter: String::new(),
+            allow_software: false,
+            memory_mb: 0,
         }
     }
 }

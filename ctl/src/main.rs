@@ -161,12 +161,13 @@ struct ChatArgs {
 enum PlanCmd {
     /// Pin a plan: `primactl plan set --k 2 desk=3 laptop=7 phone=5` gives
     /// each device a window of that many layers per round, head first (the
-    /// windows times k must add up to the model's layers).
+    /// windows times k must add up to the model's layers). `laptop=7:4`
+    /// runs the last 4 layers of each of laptop's windows on its GPU.
     Set {
         /// Rounds per token.
         #[arg(long, default_value_t = 1)]
         k: u32,
-        /// DEVICE=WINDOW, head first.
+        /// DEVICE=WINDOW or DEVICE=WINDOW:GPU_LAYERS, head first.
         #[arg(required = true)]
         windows: Vec<String>,
     },
@@ -312,6 +313,7 @@ fn run(cli: Cli) -> Result<()> {
                 p["disk"]["seq_read_gbps"].as_f64().unwrap_or(0.0),
                 p["disk"]["rnd_read_gbps"].as_f64().unwrap_or(0.0)
             );
+            print_gpu(&v["gpu"], &p["gpus"]);
             Ok(())
         }
         Command::Join { code, addr } => {
@@ -357,16 +359,25 @@ fn run(cli: Cli) -> Result<()> {
             }
             Some(PlanCmd::Set { k, windows }) => {
                 let mut list = Vec::new();
+                let mut gpu = Vec::new();
                 for w in &windows {
                     let (name, n) = w
                         .rsplit_once('=')
                         .ok_or_else(|| anyhow!("'{w}' is not DEVICE=WINDOW"))?;
+                    let (n, g) = n.split_once(':').unwrap_or((n, "0"));
                     let n: u32 = n
                         .parse()
                         .map_err(|_| anyhow!("'{w}': the window must be a number of layers"))?;
+                    let g: u32 = g.parse().map_err(|_| {
+                        anyhow!("'{w}': the GPU layers (after ':') must be a number")
+                    })?;
                     list.push(json!([name, n]));
+                    gpu.push(g);
                 }
-                api.post("/api/plan", &json!({ "k": k, "windows": list }))?;
+                api.post(
+                    "/api/plan",
+                    &json!({ "k": k, "windows": list, "gpu_layers": gpu }),
+                )?;
                 println!("plan pinned; devices are loading their layers (see `primactl plan`)");
                 Ok(())
             }
@@ -1039,6 +1050,47 @@ fn bench(api: &Api, b: BenchArgs) -> Result<()> {
 }
 
 /// `primactl plan`: one row per device in ring order.
+/// The adapters this device offers, the one it uses (or why none), and
+/// what the profiler measured on it.
+fn print_gpu(gpu: &Value, measured: &Value) {
+    let adapters = gpu["adapters"].as_array().cloned().unwrap_or_default();
+    if adapters.is_empty() {
+        println!("gpu        no adapter (no Vulkan, Metal or DX12 driver)");
+    }
+    for a in &adapters {
+        let used = gpu["using"]["name"] == a["name"];
+        println!(
+            "adapter    {} ({}, {}{}){}",
+            s(&a["name"]),
+            s(&a["kind"]),
+            s(&a["backend"]),
+            match a["driver"].as_str() {
+                Some(d) if !d.is_empty() => format!(", {d}"),
+                _ => String::new(),
+            },
+            if used { "  <- in use" } else { "" }
+        );
+    }
+    if gpu["using"].is_null() {
+        if let Some(w) = gpu["why_not"].as_str().filter(|w| !w.is_empty()) {
+            println!("gpu        not used: {w}");
+        }
+    }
+    for g in measured.as_array().into_iter().flatten() {
+        for (ty, f) in g["flops"].as_object().into_iter().flatten() {
+            println!(
+                "gpu        {ty:<6} {:8.1} GFLOPS",
+                f.as_f64().unwrap_or(0.0)
+            );
+        }
+        println!(
+            "gpu        {} for layers, kv copy {:.4} ms",
+            human_bytes(g["vram_free_bytes"].as_u64().unwrap_or(0)),
+            g["kv_copy_ms"].as_f64().unwrap_or(0.0)
+        );
+    }
+}
+
 fn print_plan(v: &Value, explain: bool) {
     let p = &v["plan"];
     if p.is_null() {

@@ -44,6 +44,7 @@ pub struct AppState {
     pub started: Instant,
     pub cluster: Option<Arc<crate::cluster::service::ClusterCtl>>,
     pub ring: Option<Arc<crate::ring::Ring>>,
+    pub gpu: crate::gpu::Handle,
 }
 
 type St = State<Arc<AppState>>;
@@ -684,6 +685,7 @@ async fn status(State(st): St) -> Result<Json<Value>, ApiError> {
             "bandwidth_mbit_s": r.local_ad().bandwidth,
         })),
         "cluster": st.cluster.as_ref().map(|c| c.status.read().expect("cluster status").clone()),
+        "gpu": st.gpu.status(),
         "load": {
             "running": s.running.load(Ordering::Relaxed),
             "queued": w.queued(),
@@ -1031,10 +1033,11 @@ fn profile_fingerprint(st: &AppState) -> String {
         .unwrap_or(1);
     let ram = crate::profiler::memory().0 >> 20;
     format!(
-        "{cores}c/{ram}MiB/{}t/primad-{}/{}",
+        "{cores}c/{ram}MiB/{}t/primad-{}/{}/gpu {}",
         prima_kernels::cpu::threads(),
         env!("CARGO_PKG_VERSION"),
-        st.cfg.model.default
+        st.cfg.model.default,
+        st.gpu.summary()
     )
 }
 
@@ -1076,12 +1079,14 @@ pub(crate) async fn measure_profile(st: &Arc<AppState>, refresh: bool) -> Result
             _ => None,
         };
         let t = Instant::now();
-        let p = crate::profiler::profile(&st2.node_name, model.as_ref(), st2.store.dir())?;
+        let p =
+            crate::profiler::profile(&st2.node_name, model.as_ref(), st2.store.dir(), &st2.gpu)?;
         Ok(json!({
             "fingerprint": fp,
             "measured_at": now_secs(),
             "took_s": t.elapsed().as_secs_f64(),
             "profile": p,
+            "gpu": st2.gpu.status(),
         }))
     })
     .await
@@ -1159,6 +1164,9 @@ struct PinBody {
     k: u32,
     /// `[[device, window], ...]`, head first.
     windows: Vec<(String, u32)>,
+    /// Per device, how many of its window's layers run on its GPU.
+    #[serde(default)]
+    gpu_layers: Vec<u32>,
 }
 
 async fn api_pin_plan(State(st): St, body: Result<Bytes, BytesRejection>) -> Response {
@@ -1173,6 +1181,7 @@ async fn api_pin_plan(State(st): St, body: Result<Bytes, BytesRejection>) -> Res
     let pin = crate::ring::Pin {
         k: b.k,
         windows: b.windows,
+        gpu_layers: b.gpu_layers,
     };
     match c.pin(Some(pin)).await {
         Ok(()) => Json(json!({"pinned": true})).into_response(),

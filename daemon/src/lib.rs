@@ -7,6 +7,7 @@ pub mod catalog;
 pub mod cluster;
 pub mod error;
 pub mod events;
+pub mod gpu;
 pub mod modelprof;
 pub mod profiler;
 pub mod ring;

@@ -86,10 +86,27 @@ enum Command {
     },
 }
 
+/// Where to run layers: `--gpu` options shared by `generate` and `bench`.
+#[derive(Args, Clone)]
+struct GpuArgs {
+    /// Run the last N layers (or `all`: every layer, the embedding and the
+    /// output head) on the GPU through wgpu; the rest on the CPU.
+    #[arg(long, value_name = "N|all")]
+    gpu: Option<String>,
+    /// Use the first GPU adapter whose name contains this.
+    #[arg(long, value_name = "NAME", requires = "gpu")]
+    gpu_adapter: Option<String>,
+    /// Accept a software adapter (Mesa's llvmpipe): correct, slow.
+    #[arg(long, requires = "gpu")]
+    allow_software_gpu: bool,
+}
+
 #[derive(Args)]
 struct BenchArgs {
     #[command(flatten)]
     model: ModelArgs,
+    #[command(flatten)]
+    gpu: GpuArgs,
     /// Prompt length for the prefill test (0 skips it).
     #[arg(long, default_value_t = 128)]
     prompt_tokens: usize,
@@ -175,6 +192,10 @@ struct ProfileArgs {
     /// Print the device record as JSON (the format `primad plan --devices` reads).
     #[arg(long)]
     json: bool,
+    /// The config whose `[gpu]` section picks the adapter (default: the
+    /// platform's primad.toml if present).
+    #[arg(long, short = 'c', value_name = "FILE")]
+    config: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -233,6 +254,8 @@ struct ModelArgs {
 struct GenerateArgs {
     #[command(flatten)]
     model: ModelArgs,
+    #[command(flatten)]
+    gpu: GpuArgs,
     /// The prompt text.
     #[arg(long, short = 'p')]
     prompt: String,
@@ -310,6 +333,8 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default)),
         )
         .with_writer(std::io::stderr)
+        // Colour for a terminal only: journald and log files get plain text.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let res = match cli.command {
         None => serve(cli.serve),
@@ -382,7 +407,12 @@ fn profile(a: ProfileArgs) -> Result<()> {
     };
     let name = primad::serve::hostname();
     let t = Instant::now();
-    let p = primad::profiler::profile(&name, model.as_ref(), &a.scratch)?;
+    let cfg = match &a.config {
+        Some(path) => prima_config::Config::from_file(path)?,
+        None => prima_config::Config::load(None)?.0,
+    };
+    let gpu = primad::gpu::Handle::open(&cfg.gpu);
+    let p = primad::profiler::profile(&name, model.as_ref(), &a.scratch, &gpu)?;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&p)?);
         return Ok(());
@@ -408,6 +438,17 @@ fn profile(a: ProfileArgs) -> Result<()> {
         "disk       {:.2} GB/s sequential, {:.3} GB/s random 4 KiB",
         p.disk.seq_read_gbps, p.disk.rnd_read_gbps
     );
+    println!("gpu        {}", gpu.summary());
+    for g in &p.gpus {
+        for (ty, f) in &g.flops {
+            println!("gpu        {ty:<6} {f:8.1} GFLOPS (mat-vec)");
+        }
+        println!(
+            "gpu        kv copy {:.4} ms, {:.2} GiB for layers",
+            g.kv_copy_ms,
+            g.vram_free_bytes as f64 / (1u64 << 30) as f64
+        );
+    }
     Ok(())
 }
 
@@ -473,6 +514,62 @@ fn load_path(path: &Path) -> Result<(Model, Tokenizer)> {
     Ok((model, tok))
 }
 
+/// A session over the whole model, with the layers `--gpu` asks for on the
+/// GPU.
+fn session<'m>(
+    model: &'m Model,
+    ctx: usize,
+    g: &GpuArgs,
+    verbose: bool,
+) -> Result<engine::Session<'m>> {
+    let Some(spec) = &g.gpu else {
+        return Ok(engine::Session::new(model, ctx));
+    };
+    #[cfg(feature = "gpu")]
+    {
+        use prima_kernels::gpu::{Gpu, GpuLayers, GpuOptions};
+        let n = model.config.n_layer;
+        let (layers, ends) = match spec.as_str() {
+            "all" => (0..n, true),
+            s => {
+                let k: usize = s.parse().map_err(|_| {
+                    anyhow::anyhow!("--gpu {s}: expected a number of layers or `all`")
+                })?;
+                if k > n {
+                    bail!("--gpu {k}: the model has {n} layers");
+                }
+                (n - k..n, false)
+            }
+        };
+        let gpu = Gpu::open(&GpuOptions {
+            adapter: g.gpu_adapter.clone(),
+            allow_software: g.allow_software_gpu,
+        })?;
+        if verbose {
+            eprintln!(
+                "gpu: {} ({:?}), layers {layers:?}{}",
+                gpu.report.name,
+                gpu.report.kind,
+                if ends {
+                    " and the embedding and output head"
+                } else {
+                    ""
+                }
+            );
+        }
+        let mut l = GpuLayers::upload(&gpu, model, layers)?;
+        if ends {
+            l = l.with_ends(model)?;
+        }
+        Ok(engine::Session::with_gpu(model, ctx, l)?)
+    }
+    #[cfg(not(feature = "gpu"))]
+    {
+        let _ = (model, ctx, verbose);
+        bail!("--gpu {spec}: this primad was built without the gpu feature")
+    }
+}
+
 fn generate(a: GenerateArgs) -> Result<()> {
     let (model, tok) = load(&a.model)?;
     let prompt = if a.chat {
@@ -504,8 +601,10 @@ fn generate(a: GenerateArgs) -> Result<()> {
     };
     let mut out = std::io::stdout().lock();
     let mut write_err = None;
-    let g = engine::generate(
-        &model,
+    let ctx = a.ctx.min(model.config.ctx_train).max(1);
+    let mut session = session(&model, ctx, &a.gpu, true)?;
+    let g = engine::generate_with(
+        &mut session,
         &tok,
         &ids,
         &params,
@@ -730,27 +829,25 @@ fn bench(a: BenchArgs) -> Result<()> {
     if sample.is_empty() {
         bail!("the model's tokenizer produced no tokens for the benchmark text");
     }
-    engine::Session::new(&model, 8).eval_last(&sample[..1])?;
-    let mut pp = Vec::new();
-    let mut tg = Vec::new();
-    for _ in 0..a.reps {
-        if a.prompt_tokens > 0 {
-            let mut s = engine::Session::new(&model, ctx);
-            let t = Instant::now();
-            s.eval_last(&prompt)?;
-            pp.push(a.prompt_tokens as f64 / t.elapsed().as_secs_f64());
-        }
-        if a.gen_tokens > 0 {
-            let mut s = engine::Session::new(&model, ctx);
-            let mut next = sample[0];
-            let t = Instant::now();
-            for _ in 0..a.gen_tokens {
-                let logits = s.eval_last(&[next])?;
-                next = prima_kernels::sample::argmax(&logits);
-            }
-            tg.push(a.gen_tokens as f64 / t.elapsed().as_secs_f64());
-        }
-    }
+    let (pp, tg) = bench_run(
+        &|ctx| Ok(engine::Session::new(&model, ctx)),
+        &a,
+        ctx,
+        &sample,
+        &prompt,
+    )?;
+    // The same tests with layers on the GPU, in the same run (each session
+    // uploads its layers before its clock starts).
+    let gpu = match &a.gpu.gpu {
+        Some(_) => Some(bench_run(
+            &|ctx| session(&model, ctx, &a.gpu, false),
+            &a,
+            ctx,
+            &sample,
+            &prompt,
+        )?),
+        None => None,
+    };
     let weight_bytes: u64 = model.file.tensors.iter().map(|t| t.size).sum();
     let mut v = serde_json::json!({
         "model": a.model.model.display().to_string(),
@@ -762,6 +859,19 @@ fn bench(a: BenchArgs) -> Result<()> {
         "decode_tok_s": stats(tg),
         "bytes_per_token": weight_bytes,
     });
+    if let Some((gpp, gtg)) = gpu {
+        let med = |k: &str, v: &serde_json::Value| v[k]["median"].as_f64().unwrap_or(0.0);
+        let g = serde_json::json!({
+            "layers": a.gpu.gpu,
+            "prefill_tok_s": stats(gpp),
+            "decode_tok_s": stats(gtg),
+        });
+        v["gpu_vs_cpu"] = serde_json::json!({
+            "prefill": med("prefill_tok_s", &g) / med("prefill_tok_s", &v).max(1e-9),
+            "decode": med("decode_tok_s", &g) / med("decode_tok_s", &v).max(1e-9),
+        });
+        v["gpu"] = g;
+    }
     if a.bandwidth {
         let bw = primad::profiler::read_bandwidth();
         v["read_bandwidth_gb_s"] = serde_json::json!(bw / 1e9);
@@ -786,6 +896,29 @@ fn bench(a: BenchArgs) -> Result<()> {
         );
         println!("pp{:<6} {} tok/s", a.prompt_tokens, f("prefill_tok_s"));
         println!("tg{:<6} {} tok/s", a.gen_tokens, f("decode_tok_s"));
+        if !v["gpu"].is_null() {
+            let g = |k: &str| {
+                format!(
+                    "{:.1} ({:.1}-{:.1})",
+                    v["gpu"][k]["median"].as_f64().unwrap_or(0.0),
+                    v["gpu"][k]["min"].as_f64().unwrap_or(0.0),
+                    v["gpu"][k]["max"].as_f64().unwrap_or(0.0)
+                )
+            };
+            let layers = a.gpu.gpu.as_deref().unwrap_or("");
+            println!(
+                "gpu ({layers}) pp{:<6} {} tok/s, {:.2}x the CPU",
+                a.prompt_tokens,
+                g("prefill_tok_s"),
+                v["gpu_vs_cpu"]["prefill"].as_f64().unwrap_or(0.0)
+            );
+            println!(
+                "gpu ({layers}) tg{:<6} {} tok/s, {:.2}x the CPU",
+                a.gen_tokens,
+                g("decode_tok_s"),
+                v["gpu_vs_cpu"]["decode"].as_f64().unwrap_or(0.0)
+            );
+        }
         if a.bandwidth {
             println!(
                 "memory    {:.1} GB/s read; {:.1} MB per token; ceiling {:.0} tok/s",
@@ -796,6 +929,38 @@ fn bench(a: BenchArgs) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Prefill and decode speeds (tok/s), `a.reps` times, of sessions `make`
+/// builds for a context of `ctx`.
+fn bench_run<'m>(
+    make: &dyn Fn(usize) -> Result<engine::Session<'m>>,
+    a: &BenchArgs,
+    ctx: usize,
+    sample: &[u32],
+    prompt: &[u32],
+) -> Result<(Vec<f64>, Vec<f64>)> {
+    make(8)?.eval_last(&sample[..1])?;
+    let (mut pp, mut tg) = (Vec::new(), Vec::new());
+    for _ in 0..a.reps {
+        if a.prompt_tokens > 0 {
+            let mut s = make(ctx)?;
+            let t = Instant::now();
+            s.eval_last(prompt)?;
+            pp.push(a.prompt_tokens as f64 / t.elapsed().as_secs_f64());
+        }
+        if a.gen_tokens > 0 {
+            let mut s = make(ctx)?;
+            let mut next = sample[0];
+            let t = Instant::now();
+            for _ in 0..a.gen_tokens {
+                let logits = s.eval_last(&[next])?;
+                next = prima_kernels::sample::argmax(&logits);
+            }
+            tg.push(a.gen_tokens as f64 / t.elapsed().as_secs_f64());
+        }
+    }
+    Ok((pp, tg))
 }
 
 fn synth(a: SynthArgs) -> Result<()> {

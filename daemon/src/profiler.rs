@@ -9,7 +9,9 @@
 //! - Memory read bandwidth (GB/s), on the worker pool.
 //! - Disk: sequential and random 4 KiB reads of a scratch file, with the page
 //!   cache evicted first (fadvise), so the disk is measured, not RAM.
-//! - GPUs: none until the wgpu backend lands; links: measured by the cluster.
+//! - GPU (the adapter `[gpu]` opened, if any): throughput per weight type on
+//!   the wgpu kernels, KV-copy time, and the memory it may fill; links:
+//!   measured by the cluster.
 
 use std::{
     collections::BTreeMap,
@@ -257,11 +259,12 @@ fn os() -> halda::Os {
 }
 
 /// Profiles this device; `model` selects the weight types timed; `scratch`
-/// is where the disk probe writes its file.
+/// is where the disk probe writes its file; `gpu` is measured too.
 pub fn profile(
     name: &str,
     model: Option<&prima_kernels::Model>,
     scratch: &Path,
+    gpu: &crate::gpu::Handle,
 ) -> Result<halda::DeviceProfile> {
     let budget = Duration::from_millis(150);
     let (flops, kv_dim) = match model {
@@ -296,7 +299,7 @@ pub fn profile(
             seq_read_gbps: seq.max(1e-3),
             rnd_read_gbps: rnd.max(1e-4),
         },
-        gpus: vec![],
+        gpus: gpu.profile(model, budget, available),
         compute_buffer_override: None,
         links: vec![],
     })

@@ -68,6 +68,7 @@ async fn serve(cfg: Config) -> Result<()> {
     if cfg.model.threads > 0 {
         prima_kernels::cpu::set_threads(cfg.model.threads).context("[model] threads")?;
     }
+    let gpu = crate::gpu::Handle::open(&cfg.gpu);
     let ring = (cfg.cluster.enabled && cfg.ring.enabled).then(|| {
         Ring::start(
             node_id.clone(),
@@ -81,6 +82,7 @@ async fn serve(cfg: Config) -> Result<()> {
                     0 => crate::profiler::cgroup_limit(),
                     mb => Some(mb << 20),
                 },
+                gpu: gpu.clone(),
             },
             Duration::from_millis(cfg.cluster.dead_ms),
         )
@@ -134,6 +136,7 @@ async fn serve(cfg: Config) -> Result<()> {
         started: Instant::now(),
         cluster: cluster.clone(),
         ring: ring.clone(),
+        gpu,
     });
     let app = api::router(state.clone());
     if let Some(r) = &ring {

@@ -14,12 +14,35 @@ pub struct Session<'m> {
     model: &'m Model,
     kv: KvCache,
     pos: usize,
+    /// Layers on the GPU and their cache (and, if uploaded, the embedding
+    /// and output head there too).
+    #[cfg(feature = "gpu")]
+    gpu: Option<(crate::gpu::GpuLayers, crate::gpu::GpuKv)>,
 }
 
 impl<'m> Session<'m> {
     pub fn new(model: &'m Model, ctx: usize) -> Self {
         let kv = KvCache::new(&model.config, model.loaded_layers(), ctx);
-        Self { model, kv, pos: 0 }
+        Self {
+            model,
+            kv,
+            pos: 0,
+            #[cfg(feature = "gpu")]
+            gpu: None,
+        }
+    }
+
+    /// A session that runs `gpu`'s layers on the GPU (the rest on the CPU).
+    #[cfg(feature = "gpu")]
+    pub fn with_gpu(
+        model: &'m Model,
+        ctx: usize,
+        gpu: crate::gpu::GpuLayers,
+    ) -> Result<Self, crate::gpu::GpuError> {
+        let kv = gpu.new_kv(ctx)?;
+        let mut s = Self::new(model, ctx);
+        s.gpu = Some((gpu, kv));
+        Ok(s)
     }
 
     /// Tokens evaluated so far.
@@ -34,8 +57,36 @@ impl<'m> Session<'m> {
     /// Evaluates `tokens` as one batch and returns the logits of the rows
     /// listed in `logit_rows` (indices into `tokens`).
     pub fn eval(&mut self, tokens: &[u32], logit_rows: &[usize]) -> Result<Vec<f32>, ModelError> {
-        let mut h: Hidden = self.model.embed(tokens)?;
         let layers = self.model.loaded_layers();
+        #[cfg(feature = "gpu")]
+        if let Some((g, gkv)) = &mut self.gpu {
+            let gpu_err = |e: crate::gpu::GpuError| match e {
+                crate::gpu::GpuError::Model(m) => m,
+                e => ModelError::Gpu(e.to_string()),
+            };
+            let ends = g.has_ends();
+            let mut h = if ends {
+                g.embed(tokens).map_err(gpu_err)?
+            } else {
+                self.model.embed(tokens)?
+            };
+            crate::gpu::forward_placed(
+                self.model,
+                Some((g, gkv)),
+                layers,
+                &mut h,
+                &mut self.kv,
+                self.pos,
+            )
+            .map_err(gpu_err)?;
+            self.pos += tokens.len();
+            return if ends {
+                g.head(&h, logit_rows).map_err(gpu_err)
+            } else {
+                Ok(self.model.head(&h, logit_rows))
+            };
+        }
+        let mut h: Hidden = self.model.embed(tokens)?;
         self.model
             .forward_layers(layers, &mut h, &mut self.kv, self.pos)?;
         self.pos += tokens.len();

@@ -6,7 +6,7 @@
 use std::{ops::Range, sync::Arc};
 
 use prima_kernels::{
-    gpu::{forward_placed, Gpu, GpuLayers, GpuOptions},
+    gpu::{forward_placed, Gpu, GpuKv, GpuLayers, GpuOptions},
     sample::argmax,
     tokenizer::chat::Message,
     KvCache, Model, Tokenizer,
@@ -49,7 +49,7 @@ struct Placement {
 /// One way of running the model, stepping through a context.
 struct Runner<'m> {
     m: &'m Model,
-    g: Option<GpuLayers>,
+    g: Option<(GpuLayers, GpuKv)>,
     ends: bool,
     kv: KvCache,
     pos: usize,
@@ -58,12 +58,14 @@ struct Runner<'m> {
 impl<'m> Runner<'m> {
     fn new(m: &'m Model, place: Option<&Placement>, ctx: usize) -> Self {
         let g = place.map(|p| {
-            let g = GpuLayers::upload(&gpu(), m, p.gpu_layers.clone(), ctx).expect("upload");
-            if p.ends {
+            let g = GpuLayers::upload(&gpu(), m, p.gpu_layers.clone()).expect("upload");
+            let g = if p.ends {
                 g.with_ends(m).expect("upload ends")
             } else {
                 g
-            }
+            };
+            let kv = g.new_kv(ctx).expect("GPU KV cache");
+            (g, kv)
         });
         Self {
             m,
@@ -78,12 +80,12 @@ impl<'m> Runner<'m> {
     fn step(&mut self, toks: &[u32]) -> Vec<f32> {
         let (m, layers) = (self.m, self.m.config.n_layer);
         let mut h = match (&mut self.g, self.ends) {
-            (Some(g), true) => g.embed(toks).unwrap(),
+            (Some((g, _)), true) => g.embed(toks).unwrap(),
             _ => m.embed(toks).unwrap(),
         };
         forward_placed(
             m,
-            self.g.as_mut(),
+            self.g.as_mut().map(|(g, kv)| (g, kv)),
             0..layers,
             &mut h,
             &mut self.kv,
@@ -93,7 +95,7 @@ impl<'m> Runner<'m> {
         self.pos += toks.len();
         let last = [h.n_tokens - 1];
         match (&mut self.g, self.ends) {
-            (Some(g), true) => g.head(&h, &last).unwrap(),
+            (Some((g, _)), true) => g.head(&h, &last).unwrap(),
             _ => m.head(&h, &last),
         }
     }

@@ -151,9 +151,16 @@ pub fn windows(p: &Value) -> Vec<(String, u64)> {
 
 /// Pins `plan` (k, [(device, window)], head first) on the coordinator.
 pub fn pin(ds: &[NsDaemon], k: u32, plan: &[(&str, u32)]) {
+    let specs: Vec<String> = plan.iter().map(|(n, w)| format!("{n}={w}")).collect();
+    pin_specs(ds, k, &specs);
+}
+
+/// Pins a plan given as `primactl plan set` arguments (`dev2=10:4`: a window
+/// of 10 layers, the last 4 on the GPU).
+pub fn pin_specs(ds: &[NsDaemon], k: u32, specs: &[String]) {
     let mut c = coordinator(ds);
     let mut args: Vec<String> = vec!["plan".into(), "set".into(), "--k".into(), k.to_string()];
-    args.extend(plan.iter().map(|(n, w)| format!("{n}={w}")));
+    args.extend(specs.iter().cloned());
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     // Right after start-up a device's model may not have reached the
     // coordinator yet: the pin is refused, saying so; try again. Should the

@@ -87,6 +87,17 @@ pub fn ok(cmd: &mut Command) -> String {
 
 /// `primad generate` on this machine alone: the reference answers.
 pub fn generate(model: &Path, prompt: &str, max_tokens: usize, chat: bool) -> String {
+    generate_with(model, prompt, max_tokens, chat, &[])
+}
+
+/// [`generate`] with more `primad generate` arguments (e.g. `--gpu 4`).
+pub fn generate_with(
+    model: &Path,
+    prompt: &str,
+    max_tokens: usize,
+    chat: bool,
+    extra: &[&str],
+) -> String {
     let mut c = Command::new(bin("primad"));
     c.args(["generate", "--temperature", "0", "-n"])
         .arg(max_tokens.to_string())
@@ -97,6 +108,7 @@ pub fn generate(model: &Path, prompt: &str, max_tokens: usize, chat: bool) -> St
     if chat {
         c.arg("--chat");
     }
+    c.args(extra);
     ok(&mut c)
 }
 

@@ -9,8 +9,8 @@
 use std::time::{Duration, Instant};
 
 use prima_tests::{
-    generate,
-    household::{coordinator, household, pin, status, wait_live, windows},
+    generate, generate_with,
+    household::{coordinator, household, pin, pin_specs, status, wait_live, windows},
     model,
     netns::{Hosts, NsDaemon},
     stdout, GEMMA3, SMOLLM2,
@@ -102,6 +102,58 @@ fn smollm2_through_the_ring_equals_one_device() {
     assert!(!o.status.success());
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("30"), "{err}");
+}
+
+/// The last layers of a device's window on its GPU (Mesa's software Vulkan
+/// device here): the ring's answer equals one device running the same
+/// layers on the GPU, and the device reports them loaded there.
+#[test]
+fn gpu_layers_in_a_window_answer_as_one_device_with_the_same_placement() {
+    let hosts = Hosts::create(3).expect("hosts");
+    let ds = household(
+        &hosts,
+        SMOLLM2,
+        "smollm2-135m",
+        "[gpu]\nallow_software = true\n",
+    );
+    // A short raw prompt: the software device prefills slowly (about 10
+    // tokens/s through these 4 layers), well inside the 4 s hop deadline.
+    let (prompt, n) = ("Once upon a time", 24);
+    let want = generate_with(
+        &model(SMOLLM2),
+        prompt,
+        n,
+        false,
+        &["--gpu", "4", "--allow-software-gpu"],
+    );
+    // The head runs the model's last window (then the output head): its
+    // last 4 layers are the model's, as `generate --gpu 4` places them.
+    pin_specs(
+        &ds,
+        1,
+        &["dev0=10:4".into(), "dev1=10".into(), "dev2=10".into()],
+    );
+    wait_live(&ds, "pinned, 4 GPU layers on dev0", |p| {
+        p["pinned"] == true && p["devices"][0]["gpu_layers"] == 4
+    });
+    let o = ds[1].ctl(&["ask", "--raw", "-t", "0", "-n", &n.to_string(), prompt]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(stdout(&o).trim_end(), want.trim_end());
+    let log = ds[0].log();
+    assert!(
+        log.lines().any(|l| l.contains("ring windows loaded")
+            && l.contains("windows=[20..30]")
+            && l.contains("gpu_layers=[4]")),
+        "dev0 loaded layers 20..30, the last 4 on the GPU:\n{log}"
+    );
+    let status = status(&ds[0]);
+    assert!(
+        status["gpu"]["using"]["name"]
+            .as_str()
+            .is_some_and(|n| n.contains("llvmpipe")),
+        "{}",
+        status["gpu"]
+    );
 }
 
 #[test]

@@ -1121,6 +1121,7 @@ impl Loop {
                     .iter()
                     .map(|d| (d.name.clone(), d.window))
                     .collect(),
+                gpu_layers: cur.devices.iter().map(|d| d.gpu_layers).collect(),
             });
         }
         let mut pin = ring.pin.read().expect("pin").clone();

@@ -96,7 +96,10 @@ struct Prepared {
     /// One model view per round, holding that round's window.
     windows: Vec<Model>,
     ranges: Vec<Range<usize>>,
-    sessions: HashMap<u64, Vec<KvCache>>,
+    /// Per round, the window's last n_m layers uploaded to the GPU.
+    gpu: Vec<Option<crate::gpu::Layers>>,
+    /// Per session, per round: the CPU cache, and the GPU layers' cache.
+    sessions: HashMap<u64, Vec<(KvCache, Option<crate::gpu::Kv>)>>,
     /// Head: who waits for the logits of each session.
     replies: HashMap<u64, mpsc::Sender<Logits>>,
     /// Layers that do not fit the memory budget and are read per use.
@@ -275,6 +278,8 @@ pub struct Settings {
     /// Memory this device may use for weights and caches (a cgroup limit,
     /// or set in config); None: no limit, every window stays resident.
     pub memory_budget: Option<u64>,
+    /// Where the plan's GPU layers run.
+    pub gpu: crate::gpu::Handle,
 }
 
 /// Runs until `Input::Stop` or the input channel closes.
@@ -388,6 +393,26 @@ fn prepare(
         }
         st.start();
     }
+    // The last n_m layers of each window on the GPU (Halda's placement); a
+    // window whose upload fails runs on the CPU.
+    let n_m = plan.devices[rank].gpu_layers as usize;
+    let gpu = windows
+        .iter()
+        .zip(&ranges)
+        .map(|(m, r)| {
+            if n_m == 0 {
+                return None;
+            }
+            let on_gpu = r.end - n_m.min(r.len())..r.end;
+            match crate::gpu::upload(&settings.gpu, m, on_gpu.clone()) {
+                Ok(l) => Some(l),
+                Err(e) => {
+                    tracing::warn!(layers = ?on_gpu, error = %e, "GPU upload failed; these layers run on the CPU");
+                    None
+                }
+            }
+        })
+        .collect();
     let p = Prepared {
         layout: plan.layout_id(),
         plan,
@@ -395,15 +420,17 @@ fn prepare(
         file,
         windows,
         ranges,
+        gpu,
         sessions: HashMap::new(),
         replies: HashMap::new(),
         streaming,
     };
     // Warm up: one token through every window touches its weights and the
     // kernels' buffers, so the first real token is not the slow one.
+    let mut p = p;
     for r in 0..p.windows.len() {
         let c = &p.windows[r].config;
-        let mut kv = KvCache::new(c, p.ranges[r].clone(), 1);
+        let mut kv = (KvCache::new(c, p.ranges[r].clone(), 1), None);
         let mut h = Hidden {
             data: vec![0.0; c.n_embd],
             n_tokens: 1,
@@ -412,23 +439,40 @@ fn prepare(
         p.run_layers(r, &mut h, &mut kv, 0)
             .map_err(|e| format!("warm-up of layers {:?}: {e}", p.ranges[r]))?;
     }
+    let on_gpu: Vec<usize> = p
+        .gpu
+        .iter()
+        .map(|g| g.as_ref().map_or(0, |g| g.layers().len()))
+        .collect();
     tracing::info!(
-        epoch = p.plan.epoch, rank, windows = ?p.ranges, elapsed = ?t.elapsed(),
+        epoch = p.plan.epoch, rank, windows = ?p.ranges, gpu_layers = ?on_gpu, elapsed = ?t.elapsed(),
         "ring windows loaded"
     );
     Ok(p)
 }
 
 impl Prepared {
-    /// Runs window `r` (streamed matrices are dropped by the model's hook).
+    /// Runs window `r` (streamed matrices are dropped by the model's hook),
+    /// its GPU layers on the GPU with the session's GPU cache (made here,
+    /// for the CPU cache's context, on the session's first batch).
     fn run_layers(
-        &self,
+        &mut self,
         r: usize,
         h: &mut Hidden,
-        kv: &mut KvCache,
+        kv: &mut (KvCache, Option<crate::gpu::Kv>),
         pos: usize,
-    ) -> Result<(), prima_kernels::model::ModelError> {
-        self.windows[r].forward_layers(self.ranges[r].clone(), h, kv, pos)
+    ) -> Result<(), String> {
+        let range = self.ranges[r].clone();
+        let gpu = match &mut self.gpu[r] {
+            Some(l) => {
+                if kv.1.is_none() {
+                    kv.1 = Some(crate::gpu::new_kv(l, kv.0.ctx())?);
+                }
+                kv.1.as_mut().map(|k| (l, k))
+            }
+            None => None,
+        };
+        crate::gpu::forward(&self.windows[r], gpu, range, h, &mut kv.0, pos)
     }
 
     fn dim(&self) -> usize {
@@ -558,7 +602,7 @@ impl Prepared {
                 .windows
                 .iter()
                 .zip(&self.ranges)
-                .map(|(m, r)| KvCache::new(&m.config, r.clone(), ctx))
+                .map(|(m, r)| (KvCache::new(&m.config, r.clone(), ctx), None))
                 .collect();
             self.sessions.insert(req, caches);
         }
@@ -567,7 +611,7 @@ impl Prepared {
         if r >= n_windows {
             return Err(format!("round {round} of a plan with k = {n_windows}"));
         }
-        let mut kv = std::mem::replace(&mut caches[r], KvCache::empty());
+        let mut kv = std::mem::replace(&mut caches[r], (KvCache::empty(), None));
         let res = self.run_layers(r, h, &mut kv, pos);
         if let Some(c) = self.sessions.get_mut(&req) {
             c[r] = kv;

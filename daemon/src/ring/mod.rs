@@ -106,12 +106,16 @@ pub struct PeerAd {
     pub heard: Instant,
 }
 
-/// A plan set by hand: `k` and the windows by device name, head first.
+/// A plan set by hand: `k` and the windows by device name, head first,
+/// and optionally how many of each window's layers run on its GPU.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Pin {
     pub k: u32,
     pub windows: Vec<(String, u32)>,
+    /// Per device in `windows`, its GPU layers (n_m); missing: none.
+    #[serde(default)]
+    pub gpu_layers: Vec<u32>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -152,6 +156,8 @@ pub struct Settings {
     pub prefetch: bool,
     /// Bytes this device may use for weights and caches; None: unlimited.
     pub memory_budget: Option<u64>,
+    /// The GPU for the plan's GPU layers (n_m), if any.
+    pub gpu: crate::gpu::Handle,
 }
 
 type AskHandler = dyn Fn(GenRequest) -> UnboundedReceiver<Event> + Send + Sync;
@@ -224,6 +230,7 @@ impl Ring {
             max_ctx: settings.max_ctx,
             prefetch: settings.prefetch,
             memory_budget: settings.memory_budget,
+            gpu: settings.gpu.clone(),
         };
         let thread = {
             let out = out_tx.clone();

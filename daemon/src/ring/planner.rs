@@ -110,7 +110,7 @@ pub fn make_plan(r: &Request) -> Result<Planned, String> {
     };
     if let Some(pin) = r.pin {
         let mut devices = Vec::new();
-        for (name, w) in &pin.windows {
+        for (i, (name, w)) in pin.windows.iter().enumerate() {
             let c = r
                 .candidates
                 .iter()
@@ -118,7 +118,9 @@ pub fn make_plan(r: &Request) -> Result<Planned, String> {
                 .ok_or_else(|| {
                     format!("the pinned device '{name}' is not live or does not hold the model")
                 })?;
-            devices.push(PlanDevice::new(c.id.clone(), c.name.clone(), *w));
+            let mut d = PlanDevice::new(c.id.clone(), c.name.clone(), *w);
+            d.gpu_layers = pin.gpu_layers.get(i).copied().unwrap_or(0);
+            devices.push(d);
         }
         let dropped = r
             .candidates
@@ -345,6 +347,7 @@ mod tests {
         let pin = Pin {
             k: 2,
             windows: vec![("dev2".into(), 3), ("dev0".into(), 7), ("dev1".into(), 5)],
+            gpu_layers: vec![0, 2],
         };
         let req = Request {
             model: &model,
@@ -366,6 +369,7 @@ mod tests {
         let bad = Pin {
             k: 1,
             windows: vec![("dev0".into(), 10)],
+            gpu_layers: vec![],
         };
         assert!(make_plan(&Request {
             pin: Some(&bad),
@@ -376,6 +380,7 @@ mod tests {
         let gone = Pin {
             k: 1,
             windows: vec![("laptop".into(), 30)],
+            gpu_layers: vec![],
         };
         assert!(make_plan(&Request {
             pin: Some(&gone),

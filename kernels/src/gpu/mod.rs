@@ -27,7 +27,7 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
-pub use window::{forward_placed, GpuLayers};
+pub use window::{forward_placed, kv_store_ms, matvec_gflops, GpuKv, GpuLayers};
 
 use crate::quant::GgmlType;
 
@@ -370,6 +370,14 @@ impl Gpu {
         self.limits
             .max_storage_buffer_binding_size
             .min(self.limits.max_buffer_size)
+    }
+
+    /// Waits for everything submitted so far.
+    pub fn wait(&self) -> Result<(), GpuError> {
+        self.device
+            .poll(wgpu::PollType::wait_indefinitely())
+            .map_err(|e| GpuError::Map(e.to_string()))?;
+        self.check()
     }
 
     /// Fails with the first error wgpu reported since the last check.

@@ -105,8 +105,9 @@ impl GpuWeight {
                     self.rows as u32,
                     gx,
                     (self.cols / 32) as u32,
+                    n as u32,
                 ],
-                [gx, gy, n as u32],
+                [gx, gy, n.div_ceil(8) as u32],
             )?;
         }
         Ok(())
@@ -158,9 +159,25 @@ struct LayerBufs {
     up: GpuWeight,
     down: GpuWeight,
     post_ffn_norm: Option<wgpu::Buffer>,
-    /// Keys and values, `ctx` positions of `kv_dim` f16s.
-    kc: wgpu::Buffer,
-    vc: wgpu::Buffer,
+}
+
+/// The GPU half of a session's KV cache: per GPU layer, keys and values for
+/// `ctx` positions of `kv_dim` f16s (packed two to a word).
+pub struct GpuKv {
+    layers: Range<usize>,
+    ctx: usize,
+    bufs: Vec<(wgpu::Buffer, wgpu::Buffer)>,
+}
+
+impl GpuKv {
+    pub fn ctx(&self) -> usize {
+        self.ctx
+    }
+
+    /// Device memory held, bytes.
+    pub fn bytes(&self) -> u64 {
+        self.bufs.iter().map(|(k, v)| k.size() + v.size()).sum()
+    }
 }
 
 /// Activations for a batch of up to `n` tokens.
@@ -211,14 +228,13 @@ struct Ends {
     embd: GpuWeight,
 }
 
-/// Layers `layers` of a model on the GPU, with their own KV cache of `ctx`
-/// positions.
+/// Layers `layers` of a model on the GPU; each session keeps its own
+/// [`GpuKv`] for them.
 pub struct GpuLayers {
     gpu: Arc<Gpu>,
     config: Config,
     layers: Range<usize>,
     ws: Vec<LayerBufs>,
-    ctx: usize,
     scratch: Option<Scratch>,
     ends: Option<Ends>,
     bytes: u64,
@@ -229,14 +245,8 @@ fn f32_bytes(v: &[f32]) -> &[u8] {
 }
 
 impl GpuLayers {
-    /// Uploads `layers` of `model` (which must hold them) and allocates
-    /// their KV cache.
-    pub fn upload(
-        gpu: &Arc<Gpu>,
-        model: &Model,
-        layers: Range<usize>,
-        ctx: usize,
-    ) -> Result<Self, GpuError> {
+    /// Uploads `layers` of `model` (which must hold them).
+    pub fn upload(gpu: &Arc<Gpu>, model: &Model, layers: Range<usize>) -> Result<Self, GpuError> {
         let c = model.config.clone();
         let mut bytes = 0u64;
         let mut ws = Vec::with_capacity(layers.len());
@@ -249,7 +259,6 @@ impl GpuLayers {
                     v.as_deref().map(|v| norm(v, what)).transpose()
                 };
             let w = |w: &Weight| GpuWeight::upload(gpu, w);
-            let kv_bytes = (ctx * c.kv_dim() * 2) as u64;
             let b = LayerBufs {
                 attn_norm: norm(&l.attn_norm, "attn_norm")?,
                 wq: w(&l.wq)?,
@@ -267,14 +276,11 @@ impl GpuLayers {
                 up: w(&l.ffn_up)?,
                 down: w(&l.ffn_down)?,
                 post_ffn_norm: opt(&l.post_ffn_norm, "post_ffn_norm")?,
-                kc: gpu.buffer(&format!("blk.{il}.k_cache"), kv_bytes)?,
-                vc: gpu.buffer(&format!("blk.{il}.v_cache"), kv_bytes)?,
             };
             bytes += [&b.wq, &b.wk, &b.wv, &b.wo, &b.gate, &b.up, &b.down]
                 .iter()
                 .map(|w| w.bytes())
-                .sum::<u64>()
-                + 2 * kv_bytes;
+                .sum::<u64>();
             ws.push(b);
         }
         gpu.check()?;
@@ -283,7 +289,6 @@ impl GpuLayers {
             config: c,
             layers,
             ws,
-            ctx,
             scratch: None,
             ends: None,
             bytes,
@@ -308,11 +313,36 @@ impl GpuLayers {
         self.layers.clone()
     }
 
+    /// Whether the embedding and output head are on the GPU too.
+    pub fn has_ends(&self) -> bool {
+        self.ends.is_some()
+    }
+
     pub fn gpu(&self) -> &Arc<Gpu> {
         &self.gpu
     }
 
-    /// Device memory held by weights and KV cache, bytes.
+    /// A KV cache of `ctx` positions for these layers.
+    pub fn new_kv(&self, ctx: usize) -> Result<GpuKv, GpuError> {
+        let bytes = (ctx * self.config.kv_dim() * 2) as u64;
+        let bufs = self
+            .layers
+            .clone()
+            .map(|il| {
+                Ok((
+                    self.gpu.buffer(&format!("blk.{il}.k_cache"), bytes)?,
+                    self.gpu.buffer(&format!("blk.{il}.v_cache"), bytes)?,
+                ))
+            })
+            .collect::<Result<_, GpuError>>()?;
+        Ok(GpuKv {
+            layers: self.layers.clone(),
+            ctx,
+            bufs,
+        })
+    }
+
+    /// Device memory held by weights, bytes.
     pub fn bytes(&self) -> u64 {
         self.bytes
     }
@@ -351,11 +381,12 @@ impl GpuLayers {
     }
 
     /// Runs layers `range` (within [`GpuLayers::layers`]) over `h`, whose
-    /// tokens sit at positions `pos..`.
+    /// tokens sit at positions `pos..`, with the session's cache `kv`.
     pub fn forward(
         &mut self,
         range: Range<usize>,
         h: &mut Hidden,
+        kv: &mut GpuKv,
         pos: usize,
     ) -> Result<(), GpuError> {
         use crate::model::ModelError;
@@ -378,11 +409,18 @@ impl GpuLayers {
             }
             .into());
         }
-        if pos + h.n_tokens > self.ctx {
+        if kv.layers != self.layers {
+            return Err(ModelError::KvMissingLayer {
+                layer: range.start,
+                have: kv.layers.clone(),
+            }
+            .into());
+        }
+        if pos + h.n_tokens > kv.ctx {
             return Err(ModelError::ContextFull {
                 start: pos,
                 end: pos + h.n_tokens,
-                ctx: self.ctx,
+                ctx: kv.ctx,
             }
             .into());
         }
@@ -392,7 +430,7 @@ impl GpuLayers {
         while t0 < h.n_tokens {
             let n = step.min(h.n_tokens - t0);
             let rows = &mut h.data[t0 * d..(t0 + n) * d];
-            self.forward_chunk(range.clone(), rows, n, pos + t0)?;
+            self.forward_chunk(range.clone(), rows, n, kv, pos + t0)?;
             t0 += n;
         }
         Ok(())
@@ -403,6 +441,7 @@ impl GpuLayers {
         range: Range<usize>,
         rows: &mut [f32],
         n: usize,
+        kv: &GpuKv,
         pos: usize,
     ) -> Result<(), GpuError> {
         let c = self.config.clone();
@@ -426,6 +465,7 @@ impl GpuLayers {
         let neox = u32::from(c.rope == RopeKind::Neox);
         for il in range {
             let l = &self.ws[il - self.layers.start];
+            let (kc, vc) = &kv.bufs[il - self.layers.start];
             let swa = c.is_swa(il);
             copy(&mut b, &s.x, &s.h, n * d)?;
             rms_norm(&mut b, &s.x, &l.attn_norm, d, n, c.rms_eps)?;
@@ -464,7 +504,7 @@ impl GpuLayers {
             b.push(
                 Op::KvStore,
                 None,
-                &[&s.k, &s.v, &l.kc, &l.vc],
+                &[&s.k, &s.v, kc, vc],
                 &[kvd as u32, pos as u32, n as u32],
                 [(kvd / 2).div_ceil(64) as u32, n as u32, 1],
             )?;
@@ -476,7 +516,7 @@ impl GpuLayers {
             b.push(
                 Op::Attention,
                 None,
-                &[&s.q, &l.kc, &l.vc, &s.att],
+                &[&s.q, kc, vc, &s.att],
                 &[
                     hd as u32,
                     qd as u32,
@@ -660,30 +700,98 @@ pub(crate) fn rms_norm(
 }
 
 /// Runs layers `range` of `model` over `hidden`: the layers `gpu` holds on
-/// the GPU, the rest on the CPU with `kv`, with one copy of the activations
-/// at each switch.
+/// the GPU (with the session's GPU cache), the rest on the CPU with `kv`,
+/// with one copy of the activations at each switch.
 pub fn forward_placed(
     model: &Model,
-    mut gpu: Option<&mut GpuLayers>,
+    mut gpu: Option<(&mut GpuLayers, &mut GpuKv)>,
     range: Range<usize>,
     hidden: &mut Hidden,
     kv: &mut KvCache,
     pos: usize,
 ) -> Result<(), GpuError> {
-    let on_gpu =
-        |g: &Option<&mut GpuLayers>, il: usize| g.as_ref().is_some_and(|g| g.layers.contains(&il));
+    let held = gpu.as_ref().map(|(g, _)| g.layers()).unwrap_or(0..0);
     let mut at = range.start;
     while at < range.end {
-        let here = on_gpu(&gpu, at);
+        let here = held.contains(&at);
         let mut end = at + 1;
-        while end < range.end && on_gpu(&gpu, end) == here {
+        while end < range.end && held.contains(&end) == here {
             end += 1;
         }
         match (&mut gpu, here) {
-            (Some(g), true) => g.forward(at..end, hidden, pos)?,
+            (Some((g, gkv)), true) => g.forward(at..end, hidden, gkv, pos)?,
             _ => model.forward_layers(at..end, hidden, kv, pos)?,
         }
         at = end;
     }
     Ok(())
+}
+
+/// GFLOPS of a one-token matvec with `w` (its first rows, up to 64 MiB of
+/// them) on `gpu`, timed for about `budget` after a warm-up.
+pub fn matvec_gflops(
+    gpu: &Arc<Gpu>,
+    w: &Weight,
+    budget: std::time::Duration,
+) -> Result<f64, GpuError> {
+    let row_bytes = w.ty.row_bytes(w.cols);
+    let rows = ((64usize << 20) / row_bytes.max(1)).clamp(1, w.rows);
+    let gw = GpuWeight::from_bytes_chunked(
+        gpu,
+        &w.name,
+        w.ty,
+        rows,
+        w.cols,
+        &w.bytes()[..rows * row_bytes],
+        None,
+    )?;
+    let x: Vec<f32> = (0..w.cols)
+        .map(|i| ((i * 7919) % 97) as f32 / 97.0 - 0.5)
+        .collect();
+    let xb = gpu.upload("x", f32_bytes(&x))?;
+    let xq = gpu.buffer("xq", (w.cols * 4) as u64)?;
+    let xs = gpu.buffer("xs", (w.cols.div_ceil(32) * 4) as u64)?;
+    let y = gpu.buffer("y", (rows * 4) as u64)?;
+    let run = |reps: usize| -> Result<(), GpuError> {
+        let mut b = Batch::new(gpu);
+        for _ in 0..reps {
+            act_quant(&mut b, &xb, &xq, &xs, 1, w.cols, gw.act())?;
+            gw.matvec(&mut b, &xq, &xs, &y, 1)?;
+        }
+        b.submit()?;
+        gpu.wait()
+    };
+    run(1)?;
+    let t = std::time::Instant::now();
+    let mut n = 0;
+    while t.elapsed() < budget || n < 4 {
+        run(4)?;
+        n += 4;
+    }
+    let secs = t.elapsed().as_secs_f64() / n as f64;
+    Ok(2.0 * (rows * w.cols) as f64 / secs / 1e9)
+}
+
+/// Milliseconds to write one token's keys and values of one layer
+/// (`kv_dim` each) into a GPU cache, as a dispatch among many.
+pub fn kv_store_ms(gpu: &Arc<Gpu>, kv_dim: usize) -> Result<f64, GpuError> {
+    let kv_dim = kv_dim.max(2) / 2 * 2;
+    let src = gpu.buffer("kv_src", (kv_dim * 4) as u64)?;
+    let kc = gpu.buffer("kc", (16 * kv_dim * 2) as u64)?;
+    let vc = gpu.buffer("vc", (16 * kv_dim * 2) as u64)?;
+    let reps = 64;
+    let mut b = Batch::new(gpu);
+    for i in 0..reps {
+        b.push(
+            Op::KvStore,
+            None,
+            &[&src, &src, &kc, &vc],
+            &[kv_dim as u32, (i % 16) as u32, 1],
+            [(kv_dim / 2).div_ceil(64) as u32, 1, 1],
+        )?;
+    }
+    let t = std::time::Instant::now();
+    b.submit()?;
+    gpu.wait()?;
+    Ok(t.elapsed().as_secs_f64() * 1e3 / reps as f64)
 }

@@ -59,6 +59,8 @@ pub enum ModelError {
     BadToken { id: u32, n_vocab: usize },
     #[error("hidden state is {got} wide, the model needs {want}")]
     HiddenWidth { got: usize, want: usize },
+    #[error("GPU: {0}")]
+    Gpu(String),
 }
 
 /// Hidden states of a batch of tokens, row-major `[n_tokens][dim]`.

@@ -1,6 +1,7 @@
 // y[t][row0 + r] = dot(row r of W, x[t]) for a chunk of a quantised weight
-// matrix: one workgroup per (row, token), the row's elements dequantised in
-// place and spread over the workgroup, partial sums reduced in shared memory.
+// matrix: one workgroup per (row, group of up to 8 tokens), each weight
+// dequantised once in place for all the group's tokens, the row spread over
+// the workgroup, partial sums reduced in shared memory.
 // X holds activations already rounded as the CPU's vec-dot format rounds
 // them (act_quant.wgsl); S their per-block sums where the weight type has a
 // min (Q4_1, Q5_1).
@@ -14,6 +15,7 @@ struct P {
     y_stride: u32,
     grid_x: u32,    // workgroups along x (rows beyond wrap to y)
     s_stride: u32,  // blocks per activation row in S
+    n: u32,         // tokens
 }
 
 @group(0) @binding(0) var<storage, read> W: array<u32>;
@@ -23,33 +25,47 @@ struct P {
 @group(0) @binding(4) var<uniform> p: P;
 
 const WG: u32 = 64u;
-var<workgroup> part: array<f32, 64>;
+const TG: u32 = 8u;
+var<workgroup> part: array<f32, 512>;
 
 @compute @workgroup_size(64)
 fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     let r = wg.x + wg.y * p.grid_x;
-    let t = wg.z;
-    var acc = 0.0;
+    let t0 = wg.z * TG;
+    let nt = min(TG, p.n - t0);
+    var acc: array<f32, 8>;
     if r < p.rows {
         let base = r * p.row_bytes;
-        let xo = t * p.x_stride;
         for (var i = lid; i < p.cols; i += WG) {
             let blk = base + (i / QK) * BB;
-            acc += deq_scaled(blk, i % QK) * X[xo + i];
-            if HAS_MIN && (i % QK) == 0u {
-                acc += deq_min(blk) * S[t * p.s_stride + i / QK];
+            let w = deq_scaled(blk, i % QK);
+            var m = 0.0;
+            let first = (i % QK) == 0u;
+            if HAS_MIN && first {
+                m = deq_min(blk);
+            }
+            for (var k = 0u; k < nt; k++) {
+                let t = t0 + k;
+                acc[k] += w * X[t * p.x_stride + i];
+                if HAS_MIN && first {
+                    acc[k] += m * S[t * p.s_stride + i / QK];
+                }
             }
         }
     }
-    part[lid] = acc;
+    for (var k = 0u; k < TG; k++) {
+        part[k * WG + lid] = acc[k];
+    }
     workgroupBarrier();
     for (var s = WG / 2u; s > 0u; s >>= 1u) {
         if lid < s {
-            part[lid] += part[lid + s];
+            for (var k = 0u; k < TG; k++) {
+                part[k * WG + lid] += part[k * WG + lid + s];
+            }
         }
         workgroupBarrier();
     }
-    if lid == 0u && r < p.rows {
-        Y[t * p.y_stride + p.row0 + r] = part[0];
+    if lid < nt && r < p.rows {
+        Y[(t0 + lid) * p.y_stride + p.row0 + r] = part[lid * WG];
     }
 }
