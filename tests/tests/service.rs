@@ -747,3 +747,26 @@ fn profile_is_measured_once_and_cached() {
     let text = ok(d.ctl().arg("profile"));
     assert!(text.contains("GFLOPS") && text.contains("disk"), "{text}");
 }
+
+/// A GPU that is not there (here: an adapter name no device has) is a
+/// reason in the status and in `primactl profile`, never a failure: the
+/// daemon answers on the CPU.
+#[test]
+fn without_a_usable_gpu_the_daemon_says_why_and_answers_on_the_cpu() {
+    let d = daemon_with_smollm2("[gpu]\nadapter = \"no such gpu\"\n");
+    let gpu = d.status()["gpu"].clone();
+    assert!(gpu["using"].is_null(), "{gpu}");
+    let why = gpu["why_not"].as_str().unwrap_or_default();
+    assert!(why.contains("none named like \"no such gpu\""), "{gpu}");
+    // The adapters the machine has are still listed (CI: Mesa's lavapipe).
+    assert!(!gpu["adapters"].as_array().unwrap().is_empty(), "{gpu}");
+    let want = generate(&model(SMOLLM2), RAW, 16, false);
+    let got = ok(d.ctl().args(["ask", "--raw", "-t", "0", "-n", "16", RAW]));
+    assert_eq!(got.trim_end_matches('\n'), want.trim_end_matches('\n'));
+    let profile = ok(d.ctl().args(["profile"]));
+    assert!(profile.contains("adapter    "), "{profile}");
+    assert!(
+        profile.contains("gpu        not used: no GPU adapter"),
+        "{profile}"
+    );
+}
