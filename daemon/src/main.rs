@@ -101,12 +101,113 @@ struct GpuArgs {
     allow_software_gpu: bool,
 }
 
+/// Speculative decoding: `--draft-layers` or `--draft-model`.
+#[derive(Args, Clone)]
+struct DraftArgs {
+    /// Speculative decoding with the model's own first N layers and its
+    /// output head as the draft (no second model).
+    #[arg(long, value_name = "N", conflicts_with = "draft_model")]
+    draft_layers: Option<usize>,
+    /// Speculative decoding with this smaller model (same vocabulary) as
+    /// the draft.
+    #[arg(long, value_name = "PATH")]
+    draft_model: Option<PathBuf>,
+    /// Most tokens the draft proposes per pass of the model.
+    #[arg(long, default_value_t = 8, value_name = "N")]
+    draft_max: usize,
+    /// Stop proposing when the draft's top token probability falls below this.
+    #[arg(long, default_value_t = 0.6, value_name = "P")]
+    draft_p_min: f32,
+}
+
+impl DraftArgs {
+    fn enabled(&self) -> bool {
+        self.draft_layers.is_some() || self.draft_model.is_some()
+    }
+
+    fn params(&self) -> prima_kernels::speculative::SpecParams {
+        prima_kernels::speculative::SpecParams {
+            max_draft: self.draft_max,
+            p_min: self.draft_p_min,
+        }
+    }
+
+    /// The draft model file, opened and checked against `target`'s vocabulary.
+    fn open_model(&self, target: &Model) -> Result<Option<Model>> {
+        let Some(p) = &self.draft_model else {
+            return Ok(None);
+        };
+        let d = Model::open(p).with_context(|| format!("loading the draft {}", p.display()))?;
+        if d.config.n_vocab != target.config.n_vocab {
+            bail!(
+                "the draft {} has a vocabulary of {} tokens, the model {}: they must share one",
+                p.display(),
+                d.config.n_vocab,
+                target.config.n_vocab
+            );
+        }
+        Ok(Some(d))
+    }
+
+    fn describe(&self) -> String {
+        match (&self.draft_layers, &self.draft_model) {
+            (Some(n), _) => format!("first {n} layers as the draft"),
+            (_, Some(p)) => format!("draft {}", p.display()),
+            _ => "no draft".into(),
+        }
+    }
+}
+
+/// A draft for speculation: the target's first layers or another model.
+enum AnyDraft<'m> {
+    Layers(prima_kernels::speculative::SelfDraft<'m>),
+    Model(Box<prima_kernels::speculative::ModelDraft<'m>>),
+}
+
+impl prima_kernels::speculative::Drafter for AnyDraft<'_> {
+    fn draft(
+        &mut self,
+        history: &[u32],
+        max: usize,
+        p_min: f32,
+    ) -> Result<Vec<u32>, prima_kernels::ModelError> {
+        match self {
+            AnyDraft::Layers(d) => d.draft(history, max, p_min),
+            AnyDraft::Model(d) => d.draft(history, max, p_min),
+        }
+    }
+}
+
+fn any_draft<'m>(
+    a: &DraftArgs,
+    target: &'m Model,
+    draft_model: Option<&'m Model>,
+    ctx: usize,
+) -> Result<AnyDraft<'m>> {
+    Ok(match (a.draft_layers, draft_model) {
+        (Some(n), _) => AnyDraft::Layers(
+            prima_kernels::speculative::SelfDraft::new(target, n, ctx).with_context(|| {
+                format!(
+                    "--draft-layers {n}: must be between 1 and {}",
+                    target.config.n_layer - 1
+                )
+            })?,
+        ),
+        (None, Some(m)) => AnyDraft::Model(Box::new(prima_kernels::speculative::ModelDraft::new(
+            m, ctx,
+        ))),
+        (None, None) => bail!("no draft given"),
+    })
+}
+
 #[derive(Args)]
 struct BenchArgs {
     #[command(flatten)]
     model: ModelArgs,
     #[command(flatten)]
     gpu: GpuArgs,
+    #[command(flatten)]
+    draft: DraftArgs,
     /// Prompt length for the prefill test (0 skips it).
     #[arg(long, default_value_t = 128)]
     prompt_tokens: usize,
@@ -256,6 +357,8 @@ struct GenerateArgs {
     model: ModelArgs,
     #[command(flatten)]
     gpu: GpuArgs,
+    #[command(flatten)]
+    draft: DraftArgs,
     /// The prompt text.
     #[arg(long, short = 'p')]
     prompt: String,
@@ -603,20 +706,40 @@ fn generate(a: GenerateArgs) -> Result<()> {
     let mut write_err = None;
     let ctx = a.ctx.min(model.config.ctx_train).max(1);
     let mut session = session(&model, ctx, &a.gpu, true)?;
-    let g = engine::generate_with(
-        &mut session,
-        &tok,
-        &ids,
-        &params,
-        &mut sampler,
-        |piece, _| match out.write_all(piece.as_bytes()).and_then(|_| out.flush()) {
+    let mut on_text =
+        |piece: &str, _: &[u32]| match out.write_all(piece.as_bytes()).and_then(|_| out.flush()) {
             Ok(()) => true,
             Err(e) => {
                 write_err = Some(e);
                 false
             }
-        },
-    )?;
+        };
+    let g = if a.draft.enabled() {
+        let dm = a.draft.open_model(&model)?;
+        let draft = any_draft(&a.draft, &model, dm.as_ref(), ctx)?;
+        let mut spec =
+            prima_kernels::speculative::Speculative::new(&mut session, draft, a.draft.params());
+        let g = engine::generate_with(&mut spec, &tok, &ids, &params, &mut sampler, &mut on_text)?;
+        let st = spec.stats;
+        eprintln!(
+            "speculative ({}): {:.0}% of {} proposals accepted; {} passes of the model for {} tokens",
+            a.draft.describe(),
+            100.0 * st.acceptance(),
+            st.drafted,
+            st.target_passes,
+            g.ids.len()
+        );
+        g
+    } else {
+        engine::generate_with(
+            &mut session,
+            &tok,
+            &ids,
+            &params,
+            &mut sampler,
+            &mut on_text,
+        )?
+    };
     if let Some(e) = write_err {
         return Err(e).context("writing to stdout");
     }
@@ -848,6 +971,29 @@ fn bench(a: BenchArgs) -> Result<()> {
         )?),
         None => None,
     };
+    // Decode again with speculation, same tokens (greedy), same run.
+    let spec = if a.draft.enabled() && a.gen_tokens > 0 {
+        let dm = a.draft.open_model(&model)?;
+        let mut runs = Vec::new();
+        let mut stats = prima_kernels::speculative::SpecStats::default();
+        for _ in 0..a.reps {
+            let mut target = engine::Session::new(&model, ctx);
+            let draft = any_draft(&a.draft, &model, dm.as_ref(), ctx)?;
+            let mut s =
+                prima_kernels::speculative::Speculative::new(&mut target, draft, a.draft.params());
+            let mut next = sample[0];
+            let t = Instant::now();
+            for _ in 0..a.gen_tokens {
+                let logits = engine::Evaluator::eval_last(&mut s, &[next])?;
+                next = prima_kernels::sample::argmax(&logits);
+            }
+            runs.push(a.gen_tokens as f64 / t.elapsed().as_secs_f64());
+            stats = s.stats;
+        }
+        Some((runs, stats))
+    } else {
+        None
+    };
     let weight_bytes: u64 = model.file.tensors.iter().map(|t| t.size).sum();
     let mut v = serde_json::json!({
         "model": a.model.model.display().to_string(),
@@ -859,6 +1005,22 @@ fn bench(a: BenchArgs) -> Result<()> {
         "decode_tok_s": stats(tg),
         "bytes_per_token": weight_bytes,
     });
+    if let Some((runs, st)) = spec {
+        let plain = v["decode_tok_s"]["median"].as_f64().unwrap_or(0.0);
+        let sv = stats(runs);
+        let speedup = sv["median"].as_f64().unwrap_or(0.0) / plain.max(1e-9);
+        v["speculative"] = serde_json::json!({
+            "draft": a.draft.describe(),
+            "max_draft": a.draft.draft_max,
+            "p_min": a.draft.draft_p_min,
+            "decode_tok_s": sv,
+            "speedup": speedup,
+            "acceptance": st.acceptance(),
+            "drafted": st.drafted,
+            "accepted": st.accepted,
+            "target_passes": st.target_passes,
+        });
+    }
     if let Some((gpp, gtg)) = gpu {
         let med = |k: &str, v: &serde_json::Value| v[k]["median"].as_f64().unwrap_or(0.0);
         let g = serde_json::json!({
@@ -896,6 +1058,20 @@ fn bench(a: BenchArgs) -> Result<()> {
         );
         println!("pp{:<6} {} tok/s", a.prompt_tokens, f("prefill_tok_s"));
         println!("tg{:<6} {} tok/s", a.gen_tokens, f("decode_tok_s"));
+        if !v["speculative"].is_null() {
+            let sp = &v["speculative"];
+            println!(
+                "spec tg{:<4} {:.1} tok/s, {:.2}x plain ({}; {:.0}% of {} proposals accepted, {} passes for {} tokens)",
+                a.gen_tokens,
+                sp["decode_tok_s"]["median"].as_f64().unwrap_or(0.0),
+                sp["speedup"].as_f64().unwrap_or(0.0),
+                a.draft.describe(),
+                100.0 * sp["acceptance"].as_f64().unwrap_or(0.0),
+                sp["drafted"],
+                sp["target_passes"],
+                a.gen_tokens
+            );
+        }
         if !v["gpu"].is_null() {
             let g = |k: &str| {
                 format!(

@@ -277,3 +277,51 @@ fn profile_measures_the_models_weight_types() {
     let dev: halda::DeviceProfile = serde_json::from_value(v).unwrap();
     assert_eq!(dev.cpu.threads.map(|t| t > 0), Some(true));
 }
+
+/// `--draft-layers` and `--draft-model` change how fast, not what: the text
+/// is the plain greedy text, sampled text too (the same seed), and the
+/// acceptance is reported; a draft with another vocabulary is refused.
+#[test]
+fn speculative_generation_gives_the_same_text() {
+    let m = smol();
+    let m = m.to_str().unwrap();
+    let run = |extra: &[&str]| {
+        let mut args = vec!["generate", "-m", m, "-p", "Once upon a time", "-n", "40"];
+        args.extend_from_slice(extra);
+        let o = primad(&args);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        (
+            String::from_utf8(o.stdout).unwrap(),
+            String::from_utf8(o.stderr).unwrap(),
+        )
+    };
+    let (plain, _) = run(&[]);
+    for extra in [
+        &["--draft-layers", "10", "--draft-p-min", "0"][..],
+        &["--draft-model", m, "--draft-max", "5"],
+    ] {
+        let (text, err) = run(extra);
+        assert_eq!(text, plain, "{extra:?}");
+        assert!(err.contains("proposals accepted"), "{err}");
+    }
+    let sampled = ["--temperature", "0.8", "--seed", "7"];
+    let (want, _) = run(&sampled);
+    let (got, _) = run(&[&sampled[..], &["--draft-model", m]].concat());
+    assert_eq!(got, want, "sampling from the target's logits, same seed");
+    let g = models().join("gemma-3-270m-q4_k_m.gguf");
+    let o = primad(&[
+        "generate",
+        "-m",
+        m,
+        "-p",
+        "Hi",
+        "--draft-model",
+        g.to_str().unwrap(),
+    ]);
+    assert!(!o.status.success());
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("vocabulary"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}

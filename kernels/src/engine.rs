@@ -50,6 +50,13 @@ impl<'m> Session<'m> {
         self.pos
     }
 
+    /// Forgets the tokens after the first `pos` (a rejected speculative
+    /// tail): the next batch is evaluated at `pos` and overwrites them in
+    /// the cache, and attention never reads past its own position.
+    pub fn rewind(&mut self, pos: usize) {
+        self.pos = self.pos.min(pos);
+    }
+
     pub fn ctx(&self) -> usize {
         self.kv.ctx()
     }

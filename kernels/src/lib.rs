@@ -12,6 +12,7 @@
 //! - [`tokenizer`]: byte-level BPE and SentencePiece vocabularies, chat templates.
 //! - [`sample`]: token sampling.
 //! - [`engine`]: single-device generation and perplexity on top of the above.
+//! - [`speculative`]: drafts verified in one batch by the target.
 //! - `gpu` (cargo feature `gpu`): the wgpu compute backend (Vulkan, Metal,
 //!   DX12) for the layers of a window.
 
@@ -23,6 +24,7 @@ pub mod gpu;
 pub mod model;
 pub mod quant;
 pub mod sample;
+pub mod speculative;
 pub mod tensor;
 pub mod tokenizer;
 

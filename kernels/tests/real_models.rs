@@ -405,3 +405,70 @@ fn a_resumed_answer_continues_the_interrupted_one() {
     assert_eq!(resumed.ids, full.ids);
     assert_eq!(format!("{seen_text}{rest}"), full.text);
 }
+
+/// Speculative decoding leaves the greedy answer unchanged, whatever the
+/// draft: the target's own first layers, or a draft that is the target
+/// itself (which must then be accepted nearly always: a check of the
+/// bookkeeping, not a speed-up).
+#[test]
+fn speculative_greedy_equals_plain_greedy() {
+    use prima_kernels::{
+        engine::{generate, generate_with, GenerateParams},
+        speculative::{ModelDraft, SelfDraft, SpecParams, Speculative},
+        Sampler, SamplerConfig,
+    };
+    let (m, tok) = load(SMOL);
+    let greedy = || {
+        Sampler::new(SamplerConfig {
+            temperature: 0.0,
+            ..SamplerConfig::default()
+        })
+    };
+    let params = GenerateParams {
+        max_tokens: 48,
+        ctx: 256,
+        ..Default::default()
+    };
+    for text in ["Once upon a time", "The three primary colours are"] {
+        let prompt = tok.encode(text, true, false).unwrap();
+        let plain = generate(&m, &tok, &prompt, &params, &mut greedy(), |_, _| true).unwrap();
+        for layers in [8, 20] {
+            let mut target = Session::new(&m, 256);
+            let draft = SelfDraft::new(&m, layers, 256).unwrap();
+            let spec = SpecParams {
+                max_draft: 4,
+                p_min: 0.0,
+            };
+            let mut s = Speculative::new(&mut target, draft, spec);
+            let g =
+                generate_with(&mut s, &tok, &prompt, &params, &mut greedy(), |_, _| true).unwrap();
+            assert_eq!(
+                g.ids, plain.ids,
+                "{text:?}, first {layers} layers as the draft"
+            );
+            eprintln!(
+                "{text:?}: first {layers} layers as the draft: {:.0}% of {} proposals accepted, \
+                 {} target passes for {} tokens",
+                100.0 * s.stats.acceptance(),
+                s.stats.drafted,
+                s.stats.target_passes,
+                g.ids.len()
+            );
+            assert!(s.stats.drafted > 0);
+        }
+        let mut target = Session::new(&m, 256);
+        let spec = SpecParams {
+            max_draft: 6,
+            p_min: 0.0,
+        };
+        let mut s = Speculative::new(&mut target, ModelDraft::new(&m, 256), spec);
+        let g = generate_with(&mut s, &tok, &prompt, &params, &mut greedy(), |_, _| true).unwrap();
+        assert_eq!(g.ids, plain.ids, "{text:?}, the target as its own draft");
+        assert!(
+            s.stats.acceptance() > 0.9 && s.stats.target_passes * 4 < g.ids.len() + 4,
+            "the target as its own draft: {:?} for {} tokens",
+            s.stats,
+            g.ids.len()
+        );
+    }
+}
