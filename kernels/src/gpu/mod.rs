@@ -165,6 +165,7 @@ pub(crate) enum Op {
 
 const COMMON: &str = include_str!("shaders/common.wgsl");
 const HALF: &str = include_str!("shaders/half.wgsl");
+const EXPF: &str = include_str!("shaders/expf.wgsl");
 const NOMIN: &str = include_str!("shaders/quant/nomin.wgsl");
 const KSCALE: &str = include_str!("shaders/quant/kscale.wgsl");
 
@@ -215,6 +216,7 @@ impl Op {
         }
         if matches!(self, Op::Attention | Op::FfnAct) {
             src.push_str(HALF);
+            src.push_str(EXPF);
         }
         src.push_str(body);
         Ok(src)

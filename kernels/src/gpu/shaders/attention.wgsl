@@ -27,24 +27,6 @@ var<workgroup> qs: array<f32, 512>;
 var<workgroup> red: array<f32, 64>;
 var<workgroup> pt: array<f32, 64>;
 
-// ggml's vector expf (see ops::ggml_expf); inputs here are <= 0.
-fn expg(x: f32) -> f32 {
-    // ggml rounds x * log2(e) with the 1.5 * 2^23 trick; round() says the
-    // same without inviting a compiler to fold (z + r) - r away.
-    let n = round(x * bitcast<f32>(0x3fb8aa3bu));
-    let b = fma(-n, bitcast<f32>(0x35bfbe8eu), fma(-n, bitcast<f32>(0x3f317200u), x));
-    if n < -192.0 {
-        return 0.0;
-    }
-    let u = b * b;
-    let j = fma(
-        fma(fma(bitcast<f32>(0x3c072010u), b, bitcast<f32>(0x3d2b9f17u)), u,
-            fma(bitcast<f32>(0x3e2aaf33u), b, bitcast<f32>(0x3efffedbu))),
-        u,
-        fma(bitcast<f32>(0x3f7ffff6u), b, 1.0));
-    return ldexp(j, i32(n));
-}
-
 fn score(j: u32, koff: u32) -> f32 {
     let base = (j * p.kvd + koff) / 2u;
     var s = 0.0;
@@ -106,7 +88,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     let mx = reduce_max(m, lid);
     var sum = 0.0;
     for (var j = first + lid; j <= pos; j += WG) {
-        sum += expg(score(j, koff) - mx);
+        sum += expf(score(j, koff) - mx);
     }
     let inv = 1.0 / reduce_sum(sum, lid);
 
@@ -118,7 +100,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
         let j = start + lid;
         var pj = 0.0;
         if j <= pos {
-            pj = round_f16(expg(score(j, koff) - mx) * inv);
+            pj = round_f16(expf(score(j, koff) - mx) * inv);
         }
         pt[lid] = pj;
         workgroupBarrier();

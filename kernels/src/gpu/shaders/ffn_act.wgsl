@@ -24,27 +24,6 @@ fn gelu(x: f32) -> f32 {
     return round_f16(y);
 }
 
-// e^x to about an ulp (ggml's vector expf, with its overflow and underflow
-// ends): a driver's exp() may be coarser (the Vulkan spec allows 3 + 2|x|
-// ulp), and the gate's rounding feeds the 8-bit rounding of the next matvec.
-fn exp_precise(x: f32) -> f32 {
-    let n = round(x * bitcast<f32>(0x3fb8aa3bu));
-    let b = fma(-n, bitcast<f32>(0x35bfbe8eu), fma(-n, bitcast<f32>(0x3f317200u), x));
-    if n < -149.0 {
-        return 0.0;
-    }
-    if n > 128.0 {
-        return bitcast<f32>(0x7f800000u);
-    }
-    let u = b * b;
-    let j = fma(
-        fma(fma(bitcast<f32>(0x3c072010u), b, bitcast<f32>(0x3d2b9f17u)), u,
-            fma(bitcast<f32>(0x3e2aaf33u), b, bitcast<f32>(0x3efffedbu))),
-        u,
-        fma(bitcast<f32>(0x3f7ffff6u), b, 1.0));
-    return ldexp(j, i32(n));
-}
-
 @compute @workgroup_size(64)
 fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     let i = (wg.x + wg.y * p.grid_x) * 64u + lid;
@@ -56,7 +35,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     if p.gelu != 0u {
         a = gelu(g);
     } else {
-        a = g / (1.0 + exp_precise(-g));
+        a = g / (1.0 + expf(-g));
     }
     G[i] = a * U[i];
 }
