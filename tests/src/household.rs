@@ -11,12 +11,18 @@ use crate::{
 };
 
 /// The config of device `i` (named dev{i}) serving `model_name`, in an open
-/// household (pairing is tested elsewhere), with a 4 s ring deadline.
+/// household (pairing is tested elsewhere), with a 4 s ring deadline unless
+/// `extra` (appended to `[ring]`) sets its own.
 pub fn config(i: usize, model_name: &str, extra: &str) -> String {
+    let timeout = if extra.contains("timeout_ms") {
+        ""
+    } else {
+        "timeout_ms = 4000\n"
+    };
     format!(
         "[node]\nname = \"dev{i}\"\n[model]\ndefault = \"{model_name}\"\n\
          [cluster]\nopen_household = true\n\
-         [ring]\nauto_profile = false\ntimeout_ms = 4000\n{extra}"
+         [ring]\nauto_profile = false\n{timeout}{extra}"
     )
 }
 
