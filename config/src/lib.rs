@@ -39,6 +39,7 @@ pub struct Config {
     pub cluster: Cluster,
     pub ring: Ring,
     pub gpu: Gpu,
+    pub speculative: Speculative,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -207,6 +208,36 @@ impl Default for Gpu {
     }
 }
 
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Speculative {
+    /// The model's own first N layers and output head as the draft; 0: not.
+    pub draft_layers: u32,
+    /// A smaller model with the same vocabulary as the draft: a catalog
+    /// name or a GGUF path; empty: none.
+    pub draft_model: String,
+    pub max_draft: u32,
+    pub p_min: f32,
+}
+
+impl Default for Speculative {
+    fn default() -> Self {
+        Self {
+            draft_layers: 0,
+            draft_model: String::new(),
+            max_draft: 8,
+            p_min: 0.6,
+        }
+    }
+}
+
+impl Speculative {
+    /// Whether a draft is configured.
+    pub fn enabled(&self) -> bool {
+        self.draft_layers > 0 || !self.draft_model.trim().is_empty()
+    }
+}
+
 impl Config {
     /// Parses and validates TOML text; `origin` names it in errors.
     pub fn parse(text: &str, origin: &str) -> Result<Self, ConfigError> {
@@ -284,6 +315,18 @@ impl Config {
         }
         if !(1..=512).contains(&self.ring.ubatch) {
             return Err("[ring] ubatch must be between 1 and 512 tokens".into());
+        }
+        let sp = &self.speculative;
+        if sp.draft_layers > 0 && !sp.draft_model.trim().is_empty() {
+            return Err(
+                "[speculative] draft_layers and draft_model are two kinds of draft; set one".into(),
+            );
+        }
+        if !(1..=32).contains(&sp.max_draft) {
+            return Err("[speculative] max_draft must be between 1 and 32 tokens".into());
+        }
+        if !(0.0..=1.0).contains(&sp.p_min) {
+            return Err("[speculative] p_min must be between 0 and 1".into());
         }
         if self.model.default.trim().is_empty() {
             return Err("[model] default must name a model".into());

@@ -233,6 +233,12 @@ struct BenchArgs {
     prompt: String,
     #[arg(long, short = 'm')]
     model: Option<String>,
+    /// Compare speculative decoding with plain decoding: the same requests
+    /// once without the daemon's draft and once with it, reporting the
+    /// draft's acceptance rate and the speed-up (needs `[speculative]` set
+    /// on the device that answers).
+    #[arg(long)]
+    speculative: bool,
     #[arg(long)]
     json: bool,
 }
@@ -987,13 +993,20 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-fn bench(api: &Api, b: BenchArgs) -> Result<()> {
-    if b.requests == 0 {
-        bail!("--requests must be at least 1");
-    }
+/// What one series of bench requests measured.
+struct BenchRun {
+    ttft_ms: f64,
+    decode_tok_s: f64,
+    tokens: u64,
+    /// Summed over the requests: drafted, accepted, passes.
+    spec: Option<(u64, u64, u64)>,
+}
+
+fn bench_series(api: &Api, b: &BenchArgs, speculative: Option<bool>) -> Result<BenchRun> {
     let mut ttft = vec![];
     let mut decode = vec![];
     let mut tokens = 0;
+    let mut spec: Option<(u64, u64, u64)> = None;
     for i in 0..b.requests {
         let mut body = json!({
             "messages": [{"role": "user", "content": b.prompt}],
@@ -1004,6 +1017,9 @@ fn bench(api: &Api, b: BenchArgs) -> Result<()> {
         });
         if let Some(m) = &b.model {
             body["model"] = json!(m);
+        }
+        if let Some(on) = speculative {
+            body["speculative"] = json!(on);
         }
         let t0 = Instant::now();
         let resp = api.post("/v1/chat/completions", &body)?;
@@ -1017,6 +1033,14 @@ fn bench(api: &Api, b: BenchArgs) -> Result<()> {
             if let Some(n) = v["usage"]["completion_tokens"].as_u64() {
                 completion = n;
             }
+            let sp = &v["usage"]["speculative"];
+            if sp.is_object() {
+                let n = |k: &str| sp[k].as_u64().unwrap_or(0);
+                let t = spec.get_or_insert((0, 0, 0));
+                t.0 += n("drafted");
+                t.1 += n("accepted");
+                t.2 += n("passes");
+            }
             Ok(())
         })?;
         let total = t0.elapsed();
@@ -1028,23 +1052,83 @@ fn bench(api: &Api, b: BenchArgs) -> Result<()> {
         tokens = completion;
         if !b.json {
             eprintln!(
-                "request {}/{}: first token {:.0} ms, {} tokens in {:.2} s",
+                "request {}/{}{}: first token {:.0} ms, {} tokens in {:.2} s",
                 i + 1,
                 b.requests,
+                match speculative {
+                    Some(true) => " (speculative)",
+                    Some(false) => " (plain)",
+                    None => "",
+                },
                 first.as_secs_f64() * 1e3,
                 completion,
                 total.as_secs_f64()
             );
         }
     }
-    let (t, d) = (median(ttft), median(decode));
+    Ok(BenchRun {
+        ttft_ms: median(ttft),
+        decode_tok_s: median(decode),
+        tokens,
+        spec,
+    })
+}
+
+fn bench(api: &Api, b: BenchArgs) -> Result<()> {
+    if b.requests == 0 {
+        bail!("--requests must be at least 1");
+    }
+    if !b.speculative {
+        let r = bench_series(api, &b, None)?;
+        if b.json {
+            println!(
+                "{}",
+                json!({"requests": b.requests, "ttft_ms_median": r.ttft_ms,
+                       "decode_tok_s_median": r.decode_tok_s, "tokens": r.tokens})
+            );
+        } else {
+            println!(
+                "time to first token {:.0} ms (median), decode {:.1} tokens/s (median)",
+                r.ttft_ms, r.decode_tok_s
+            );
+        }
+        return Ok(());
+    }
+    let plain = bench_series(api, &b, Some(false))?;
+    let spec = bench_series(api, &b, Some(true))?;
+    let Some((drafted, accepted, passes)) = spec.spec else {
+        bail!(
+            "the daemon did not decode speculatively: set a draft in its [speculative] section \
+             (draft_layers or draft_model) and restart it"
+        );
+    };
+    let acceptance = accepted as f64 / (drafted.max(1)) as f64;
+    let speedup = spec.decode_tok_s / plain.decode_tok_s.max(1e-9);
     if b.json {
         println!(
             "{}",
-            json!({"requests": b.requests, "ttft_ms_median": t, "decode_tok_s_median": d, "tokens": tokens})
+            json!({"requests": b.requests, "tokens": spec.tokens,
+                   "plain": {"ttft_ms_median": plain.ttft_ms, "decode_tok_s_median": plain.decode_tok_s},
+                   "speculative": {"ttft_ms_median": spec.ttft_ms, "decode_tok_s_median": spec.decode_tok_s,
+                                   "drafted": drafted, "accepted": accepted, "passes": passes,
+                                   "acceptance": acceptance},
+                   "speedup": speedup})
         );
     } else {
-        println!("time to first token {t:.0} ms (median), decode {d:.1} tokens/s (median)");
+        println!(
+            "plain        first token {:.0} ms, decode {:.1} tokens/s (medians)",
+            plain.ttft_ms, plain.decode_tok_s
+        );
+        println!(
+            "speculative  first token {:.0} ms, decode {:.1} tokens/s (medians)",
+            spec.ttft_ms, spec.decode_tok_s
+        );
+        println!(
+            "draft        {:.0}% of {drafted} proposals accepted; {passes} passes of the model \
+             for {} requests; speed-up {speedup:.2}x",
+            100.0 * acceptance,
+            b.requests
+        );
     }
     Ok(())
 }

@@ -213,6 +213,10 @@ struct Common {
     stream_options: Option<StreamOptions>,
     #[serde(default)]
     n: Option<u32>,
+    /// prima's own: speculative decoding for this request (default: as the
+    /// daemon is configured).
+    #[serde(default)]
+    speculative: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -313,6 +317,7 @@ impl AppState {
                 stop,
                 sampler,
                 resume: None,
+                speculative: c.speculative,
             },
             stream: c.stream.unwrap_or(false),
             include_usage: c.stream_options.unwrap_or_default().include_usage,
@@ -453,8 +458,9 @@ async fn run_request(st: Arc<AppState>, c: Common, prompt: Prompt, kind: Kind) -
                 finish,
                 prompt_tokens,
                 completion_tokens,
+                speculative,
             }) => {
-                let usage = usage(prompt_tokens, completion_tokens);
+                let usage = usage(prompt_tokens, completion_tokens, speculative);
                 let choice = match kind {
                     Kind::Chat => json!({
                         "index": 0,
@@ -495,12 +501,18 @@ fn fingerprint() -> String {
     concat!("prima-", env!("CARGO_PKG_VERSION")).to_string()
 }
 
-fn usage(prompt: usize, completion: usize) -> Value {
-    json!({
+/// OpenAI's usage object; with speculative decoding, prima adds what the
+/// draft did (clients that do not know the field ignore it).
+fn usage(prompt: usize, completion: usize, spec: Option<crate::worker::SpecUsage>) -> Value {
+    let mut u = json!({
         "prompt_tokens": prompt,
         "completion_tokens": completion,
         "total_tokens": prompt + completion,
-    })
+    });
+    if let Some(s) = spec {
+        u["speculative"] = json!(s);
+    }
+    u
 }
 
 struct Meta {
@@ -587,6 +599,7 @@ fn sse_stream(
                     finish,
                     prompt_tokens,
                     completion_tokens,
+                    speculative,
                 }) => {
                     let last = match s.meta.kind {
                         Kind::Chat => s.meta.chunk(json!({}), Some(finish)),
@@ -596,7 +609,7 @@ fn sse_stream(
                     if s.include_usage {
                         let mut u = s.meta.chunk(json!({}), None);
                         u["choices"] = json!([]);
-                        u["usage"] = usage(prompt_tokens, completion_tokens);
+                        u["usage"] = usage(prompt_tokens, completion_tokens, speculative);
                         s.pending.push_back(data(&u));
                     }
                     s.pending.push_back(SseEvent::default().data("[DONE]"));

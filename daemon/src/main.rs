@@ -158,44 +158,21 @@ impl DraftArgs {
     }
 }
 
-/// A draft for speculation: the target's first layers or another model.
-enum AnyDraft<'m> {
-    Layers(prima_kernels::speculative::SelfDraft<'m>),
-    Model(Box<prima_kernels::speculative::ModelDraft<'m>>),
-}
-
-impl prima_kernels::speculative::Drafter for AnyDraft<'_> {
-    fn draft(
-        &mut self,
-        history: &[u32],
-        max: usize,
-        p_min: f32,
-    ) -> Result<Vec<u32>, prima_kernels::ModelError> {
-        match self {
-            AnyDraft::Layers(d) => d.draft(history, max, p_min),
-            AnyDraft::Model(d) => d.draft(history, max, p_min),
-        }
-    }
-}
-
 fn any_draft<'m>(
     a: &DraftArgs,
     target: &'m Model,
     draft_model: Option<&'m Model>,
     ctx: usize,
-) -> Result<AnyDraft<'m>> {
+) -> Result<prima_kernels::speculative::Draft<'m>> {
+    use prima_kernels::speculative::{Draft, ModelDraft, SelfDraft};
     Ok(match (a.draft_layers, draft_model) {
-        (Some(n), _) => AnyDraft::Layers(
-            prima_kernels::speculative::SelfDraft::new(target, n, ctx).with_context(|| {
-                format!(
-                    "--draft-layers {n}: must be between 1 and {}",
-                    target.config.n_layer - 1
-                )
-            })?,
-        ),
-        (None, Some(m)) => AnyDraft::Model(Box::new(prima_kernels::speculative::ModelDraft::new(
-            m, ctx,
-        ))),
+        (Some(n), _) => Draft::Layers(SelfDraft::new(target, n, ctx).with_context(|| {
+            format!(
+                "--draft-layers {n}: must be between 1 and {}",
+                target.config.n_layer - 1
+            )
+        })?),
+        (None, Some(m)) => Draft::Model(Box::new(ModelDraft::new(m, ctx))),
         (None, None) => bail!("no draft given"),
     })
 }

@@ -69,6 +69,7 @@ async fn serve(cfg: Config) -> Result<()> {
         prima_kernels::cpu::set_threads(cfg.model.threads).context("[model] threads")?;
     }
     let gpu = crate::gpu::Handle::open(&cfg.gpu);
+    let spec = spec_settings(&cfg, &store)?;
     let ring = (cfg.cluster.enabled && cfg.ring.enabled).then(|| {
         Ring::start(
             node_id.clone(),
@@ -83,6 +84,7 @@ async fn serve(cfg: Config) -> Result<()> {
                     mb => Some(mb << 20),
                 },
                 gpu: gpu.clone(),
+                draft: spec.as_ref().map(|s| s.draft.clone()),
             },
             Duration::from_millis(cfg.cluster.dead_ms),
         )
@@ -95,6 +97,7 @@ async fn serve(cfg: Config) -> Result<()> {
         default_max_tokens: cfg.model.max_tokens,
         queue_limit: cfg.api.queue_limit,
         ring: ring.clone().map(|r| (r, tokio::runtime::Handle::current())),
+        spec,
     });
     let cluster = if cfg.cluster.enabled {
         if cfg.cluster.open_household {
@@ -349,6 +352,10 @@ pub(crate) fn refresh_ring_ad(ring: &Ring, store: &Store, model: &str) {
             match prima_kernels::model::config::Config::from_metadata(&gguf.metadata) {
                 Ok(c) => {
                     ring.set_dim(c.n_embd);
+                    if let Some(d) = &ring.settings.draft {
+                        let ctx = ring.settings.max_ctx.min(c.ctx_train);
+                        ring.set_draft_bytes(draft_bytes(d, &gguf, &c, ctx));
+                    }
                     ring.set_model(Some((
                         ModelAd {
                             name: e.name.clone(),
@@ -408,5 +415,82 @@ async fn ring_upkeep(ring: Arc<Ring>, st: Arc<AppState>) {
         }
         ring.probe_bandwidth().await;
         tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+}
+
+/// `[speculative]`: the draft, with `draft_model` looked up among the
+/// store's models first, then as a file.
+fn spec_settings(cfg: &Config, store: &Store) -> Result<Option<crate::worker::SpecSettings>> {
+    use crate::worker::{DraftSource, SpecSettings};
+    let sp = &cfg.speculative;
+    let draft = if sp.draft_layers > 0 {
+        DraftSource::Layers(sp.draft_layers as usize)
+    } else if !sp.draft_model.trim().is_empty() {
+        let name = sp.draft_model.trim();
+        match store.model(name)? {
+            Some(e) => DraftSource::Model(e.path),
+            None if std::path::Path::new(name).is_file() => DraftSource::Model(name.into()),
+            None => anyhow::bail!(
+                "[speculative] draft_model = \"{name}\" is neither a model this device holds \
+                 (`primactl models`) nor a GGUF file"
+            ),
+        }
+    } else {
+        return Ok(None);
+    };
+    tracing::info!(
+        ?draft,
+        max_draft = sp.max_draft,
+        p_min = sp.p_min,
+        "speculative decoding on"
+    );
+    Ok(Some(SpecSettings {
+        draft,
+        params: prima_kernels::speculative::SpecParams {
+            max_draft: sp.max_draft as usize,
+            p_min: sp.p_min,
+        },
+    }))
+}
+
+/// What a draft costs its device beyond the model's own window: the
+/// weights it reads (for a self-draft, its layers, which the head's window
+/// may not hold) and its KV cache for a context of `ctx`.
+fn draft_bytes(
+    d: &crate::worker::DraftSource,
+    target: &prima_kernels::gguf::Gguf,
+    c: &prima_kernels::model::config::Config,
+    ctx: usize,
+) -> u64 {
+    let kv = |c: &prima_kernels::model::config::Config, layers: usize| {
+        (2 * layers * ctx * c.kv_dim() * 2) as u64
+    };
+    match d {
+        crate::worker::DraftSource::Layers(n) => {
+            let n = (*n).min(c.n_layer);
+            let weights: u64 = target
+                .tensors
+                .iter()
+                .filter(|t| {
+                    t.name
+                        .strip_prefix("blk.")
+                        .and_then(|r| r.split('.').next())
+                        .and_then(|i| i.parse::<usize>().ok())
+                        .is_some_and(|i| i < n)
+                })
+                .map(|t| t.size)
+                .sum();
+            weights + kv(c, n)
+        }
+        crate::worker::DraftSource::Model(p) => {
+            let Ok(g) = prima_kernels::gguf::Gguf::open(p) else {
+                return 0; // the worker reports it when it loads the draft
+            };
+            let Ok(dc) = prima_kernels::model::config::Config::from_metadata(&g.metadata) else {
+                return 0;
+            };
+            let weights: u64 = g.tensors.iter().map(|t| t.size).sum();
+            weights + kv(&dc, dc.n_layer)
+        }
     }
 }

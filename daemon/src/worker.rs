@@ -20,6 +20,7 @@ use axum::http::StatusCode;
 use prima_kernels::{
     engine::{self, FinishReason, GenerateParams},
     model::ModelError,
+    speculative::{Draft, ModelDraft, SelfDraft, Speculative},
     tokenizer::chat::Message,
     Model, Sampler, SamplerConfig, Tokenizer,
 };
@@ -50,6 +51,46 @@ pub struct GenRequest {
     /// An answer another head began and lost: go on after it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resume: Option<Resume>,
+    /// Speculative decoding for this request; None: as configured
+    /// (`[speculative]`). A request cannot turn it on where no draft is set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub speculative: Option<bool>,
+}
+
+/// What speculative decoding did for one answer.
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct SpecUsage {
+    /// Tokens the draft proposed.
+    pub drafted: usize,
+    /// Proposals the model agreed with (tokens gained).
+    pub accepted: usize,
+    /// Passes of the model (trips round the ring), the prompt's included.
+    pub passes: usize,
+}
+
+impl From<prima_kernels::speculative::SpecStats> for SpecUsage {
+    fn from(s: prima_kernels::speculative::SpecStats) -> Self {
+        Self {
+            drafted: s.drafted,
+            accepted: s.accepted,
+            passes: s.target_passes,
+        }
+    }
+}
+
+/// The draft speculative decoding uses.
+#[derive(Debug, Clone, PartialEq)]
+pub enum DraftSource {
+    /// The model's own first N layers and output head.
+    Layers(usize),
+    /// Another GGUF with the same vocabulary.
+    Model(std::path::PathBuf),
+}
+
+#[derive(Debug, Clone)]
+pub struct SpecSettings {
+    pub draft: DraftSource,
+    pub params: prima_kernels::speculative::SpecParams,
 }
 
 /// The part of an answer that already reached the client.
@@ -79,6 +120,8 @@ pub enum Event {
         finish: &'static str,
         prompt_tokens: usize,
         completion_tokens: usize,
+        /// Set when speculative decoding ran.
+        speculative: Option<SpecUsage>,
     },
     Failed(ApiError),
 }
@@ -103,6 +146,9 @@ pub struct Stats {
     pub running: AtomicU64,
     pub prompt_tokens: AtomicU64,
     pub completion_tokens: AtomicU64,
+    /// Speculative decoding: tokens drafted and drafts accepted.
+    pub spec_drafted: AtomicU64,
+    pub spec_accepted: AtomicU64,
     /// Requests that moved to a new head after the ring failed under them.
     pub failovers: AtomicU64,
 }
@@ -122,6 +168,8 @@ pub struct Settings {
     /// The household's ring, when the cluster runs: requests for its model
     /// go through it once a plan is live.
     pub ring: Option<(Arc<Ring>, tokio::runtime::Handle)>,
+    /// Speculative decoding where this device answers or heads the ring.
+    pub spec: Option<SpecSettings>,
 }
 
 pub struct Worker {
@@ -215,6 +263,8 @@ struct LoadedModel {
     entry: ModelEntry,
     model: Model,
     tok: Tokenizer,
+    /// The draft model (`[speculative] draft_model`), mapped on first use.
+    draft: Option<Model>,
 }
 
 fn run(
@@ -296,6 +346,7 @@ fn load(entry: &ModelEntry) -> Result<LoadedModel, ApiError> {
         entry: entry.clone(),
         model,
         tok,
+        draft: None,
     })
 }
 
@@ -390,6 +441,15 @@ fn serve_here(
         *loaded = None; // unmap the old model before mapping the new one
         *loaded = Some(load(&job.model)?);
     }
+    let spec = settings
+        .spec
+        .as_ref()
+        .filter(|_| job.req.speculative != Some(false));
+    if let (Some(sp), Some(lm)) = (spec, loaded.as_mut()) {
+        if let (DraftSource::Model(p), None) = (&sp.draft, &lm.draft) {
+            lm.draft = Some(load_draft(p, &lm.model)?);
+        }
+    }
     let lm = loaded.as_ref().expect("loaded above");
     let (model, tok) = (&lm.model, &lm.tok);
     let (text, parse_special) = match &job.req.prompt {
@@ -473,17 +533,52 @@ fn serve_here(
         }
         true
     };
-    let g = match (route, &settings.ring) {
-        (Route::Head(plan), Some((ring, _))) => {
+    let draft = match spec {
+        Some(sp) => Some((draft_for(sp, lm, ctx)?, sp.params)),
+        None => None,
+    };
+    let ring_err =
+        |e: String| ApiError::new(StatusCode::BAD_GATEWAY, "server_error", e).code("ring_failed");
+    let model_err = |e: String| ApiError::internal(format!("generation failed: {e}"));
+    let mut spec_usage = None;
+    let g = match (route, &settings.ring, draft) {
+        (Route::Head(plan), Some((ring, _)), draft) => {
             ring.stats.head_requests.fetch_add(1, Ordering::Relaxed);
             let mut session = ring.session(plan.clone(), ctx);
-            engine::generate_with(&mut session, tok, &ids, &params, &mut sampler, on_text).map_err(
-                |e| ApiError::new(StatusCode::BAD_GATEWAY, "server_error", e).code("ring_failed"),
-            )?
+            match draft {
+                Some((d, sp)) => {
+                    let mut s = Speculative::new(&mut session, d, sp);
+                    let g =
+                        engine::generate_with(&mut s, tok, &ids, &params, &mut sampler, on_text)
+                            .map_err(|e| ring_err(e.to_string()))?;
+                    spec_usage = Some(SpecUsage::from(s.stats));
+                    g
+                }
+                None => {
+                    engine::generate_with(&mut session, tok, &ids, &params, &mut sampler, on_text)
+                        .map_err(ring_err)?
+                }
+            }
+        }
+        (_, _, Some((d, sp))) => {
+            let mut target = engine::Session::new(model, ctx);
+            let mut s = Speculative::new(&mut target, d, sp);
+            let g = engine::generate_with(&mut s, tok, &ids, &params, &mut sampler, on_text)
+                .map_err(|e| model_err(e.to_string()))?;
+            spec_usage = Some(SpecUsage::from(s.stats));
+            g
         }
         _ => engine::generate(model, tok, &ids, &params, &mut sampler, on_text)
-            .map_err(|e: ModelError| ApiError::internal(format!("generation failed: {e}")))?,
+            .map_err(|e: ModelError| model_err(e.to_string()))?,
     };
+    if let Some(u) = &spec_usage {
+        stats
+            .spec_drafted
+            .fetch_add(u.drafted as u64, Ordering::Relaxed);
+        stats
+            .spec_accepted
+            .fetch_add(u.accepted as u64, Ordering::Relaxed);
+    }
     stats
         .prompt_tokens
         .fetch_add(ids.len() as u64, Ordering::Relaxed);
@@ -505,13 +600,61 @@ fn serve_here(
             "{:.1}",
             g.ids.len() as f64 / g.decode_time.as_secs_f64().max(1e-9)
         ),
+        spec = ?spec_usage,
         "request done"
     );
     Ok(Some(Event::Done {
         finish,
         prompt_tokens: ids.len(),
         completion_tokens: g.ids.len(),
+        speculative: spec_usage,
     }))
+}
+
+/// Maps the draft model of `[speculative] draft_model`, which must share the
+/// model's vocabulary.
+fn load_draft(path: &std::path::Path, target: &Model) -> Result<Model, ApiError> {
+    let d = Model::open(path).map_err(|e| {
+        ApiError::internal(format!(
+            "the speculative draft {} cannot be loaded: {e}",
+            path.display()
+        ))
+        .code("model_load_failed")
+    })?;
+    if d.config.n_vocab != target.config.n_vocab {
+        return Err(ApiError::internal(format!(
+            "the speculative draft {} has a vocabulary of {} tokens and the model {}: \
+             a draft must share the model's vocabulary ([speculative] draft_model)",
+            path.display(),
+            d.config.n_vocab,
+            target.config.n_vocab
+        ))
+        .code("model_load_failed"));
+    }
+    Ok(d)
+}
+
+/// The draft for one answer with a context of `ctx`.
+fn draft_for<'m>(
+    sp: &SpecSettings,
+    lm: &'m LoadedModel,
+    ctx: usize,
+) -> Result<Draft<'m>, ApiError> {
+    Ok(match &sp.draft {
+        DraftSource::Layers(n) => {
+            Draft::Layers(SelfDraft::new(&lm.model, *n, ctx).map_err(|_| {
+                ApiError::internal(format!(
+                    "[speculative] draft_layers = {n}, but model '{}' has {} layers: the draft \
+                     must be fewer",
+                    lm.entry.name, lm.model.config.n_layer
+                ))
+            })?)
+        }
+        DraftSource::Model(_) => Draft::Model(Box::new(ModelDraft::new(
+            lm.draft.as_ref().expect("loaded before the answer"),
+            ctx,
+        ))),
+    })
 }
 
 /// Passes a job to the ring's head and relays its answer.
@@ -550,6 +693,7 @@ fn forward(
             finish,
             prompt_tokens,
             completion_tokens,
+            speculative,
         })) => {
             stats
                 .prompt_tokens
@@ -562,6 +706,7 @@ fn forward(
                 finish: if finish == "length" { "length" } else { "stop" },
                 prompt_tokens,
                 completion_tokens,
+                speculative,
             }))
         }
         Ok(Some(AskEvent::Failed {

@@ -283,6 +283,11 @@ pub fn generate_with<E: Evaluator>(
             }
             emitted = upto;
         }
+        // The last token is not evaluated: nothing would read its logits
+        // (on a ring that is a trip saved per answer).
+        if ids.len() >= params.max_tokens {
+            break;
+        }
         if session.pos() + 1 > session.ctx() {
             finish = FinishReason::Context;
             break;

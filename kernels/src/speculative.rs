@@ -11,6 +11,16 @@
 //! token for token, greedy or sampled (a proposal counts only where the
 //! sampler picks it from the target's own distribution).
 //!
+//! With sampling this is the standard rejection rule for a greedy draft:
+//! the draft's distribution is one-hot on its proposal `x`, so the rule
+//! accepts `x` with probability `p(x)` and otherwise samples from `p` with
+//! `x` removed, renormalised; sampling `y ~ p` and keeping `x` exactly when
+//! `y = x` does both at once.
+//!
+//! The target is anything that evaluates a batch with logits for its last
+//! rows and can forget a tail ([`Target`]): a local [`Session`], or a
+//! pipelined ring whose devices roll their caches back together.
+//!
 //! Drafts: [`SelfDraft`], the target's own first layers and output head (no
 //! second model); [`ModelDraft`], a smaller model with the same vocabulary.
 //! Drafting adapts: a draft stops proposing when its own confidence drops
@@ -24,6 +34,62 @@ use crate::{
     model::{KvCache, Model, ModelError},
     sample::argmax,
 };
+
+/// What speculation verifies drafts on.
+pub trait Target {
+    type Error;
+    /// Evaluates `tokens` at the current position as one batch and returns
+    /// the logits of its last `rows` tokens, row after row.
+    fn eval_rows(&mut self, tokens: &[u32], rows: usize) -> Result<Vec<f32>, Self::Error>;
+    /// Forgets every position from `pos` on.
+    fn rewind(&mut self, pos: usize);
+    /// Context length in tokens.
+    fn ctx(&self) -> usize;
+    /// Most rows whose logits one batch may return (a ring computes them
+    /// all in its last micro-batch).
+    fn max_rows(&self) -> usize {
+        usize::MAX
+    }
+}
+
+impl Target for Session<'_> {
+    type Error = ModelError;
+    fn eval_rows(&mut self, tokens: &[u32], rows: usize) -> Result<Vec<f32>, ModelError> {
+        let rows: Vec<usize> = (tokens.len().saturating_sub(rows)..tokens.len()).collect();
+        self.eval(tokens, &rows)
+    }
+    fn rewind(&mut self, pos: usize) {
+        Session::rewind(self, pos)
+    }
+    fn ctx(&self) -> usize {
+        Session::ctx(self)
+    }
+}
+
+impl<T: Target + ?Sized> Target for &mut T {
+    type Error = T::Error;
+    fn eval_rows(&mut self, tokens: &[u32], rows: usize) -> Result<Vec<f32>, T::Error> {
+        (**self).eval_rows(tokens, rows)
+    }
+    fn rewind(&mut self, pos: usize) {
+        (**self).rewind(pos)
+    }
+    fn ctx(&self) -> usize {
+        (**self).ctx()
+    }
+    fn max_rows(&self) -> usize {
+        (**self).max_rows()
+    }
+}
+
+/// A failure of the draft or of the target.
+#[derive(Debug, thiserror::Error)]
+pub enum SpecError<E> {
+    #[error("the draft failed: {0}")]
+    Draft(ModelError),
+    #[error("{0}")]
+    Target(E),
+}
 
 /// Proposes tokens to follow a history.
 pub trait Drafter {
@@ -150,6 +216,21 @@ impl Drafter for ModelDraft<'_> {
     }
 }
 
+/// Either kind of draft.
+pub enum Draft<'m> {
+    Layers(SelfDraft<'m>),
+    Model(Box<ModelDraft<'m>>),
+}
+
+impl Drafter for Draft<'_> {
+    fn draft(&mut self, history: &[u32], max: usize, p_min: f32) -> Result<Vec<u32>, ModelError> {
+        match self {
+            Draft::Layers(d) => d.draft(history, max, p_min),
+            Draft::Model(d) => d.draft(history, max, p_min),
+        }
+    }
+}
+
 /// How much to draft.
 #[derive(Debug, Clone, Copy)]
 pub struct SpecParams {
@@ -190,9 +271,9 @@ impl SpecStats {
     }
 }
 
-/// A target session driven with a draft; see the module docs.
-pub struct Speculative<'s, 'm, D> {
-    target: &'s mut Session<'m>,
+/// A target driven with a draft; see the module docs.
+pub struct Speculative<T, D> {
+    target: T,
     drafter: D,
     params: SpecParams,
     /// Tokens the target has evaluated and generation has kept.
@@ -210,9 +291,9 @@ pub struct Speculative<'s, 'm, D> {
     pub stats: SpecStats,
 }
 
-impl<'s, 'm, D: Drafter> Speculative<'s, 'm, D> {
+impl<T: Target, D: Drafter> Speculative<T, D> {
     /// `target` must be at position 0.
-    pub fn new(target: &'s mut Session<'m>, drafter: D, params: SpecParams) -> Self {
+    pub fn new(target: T, drafter: D, params: SpecParams) -> Self {
         Self {
             target,
             drafter,
@@ -227,10 +308,10 @@ impl<'s, 'm, D: Drafter> Speculative<'s, 'm, D> {
     }
 }
 
-impl<D: Drafter> Evaluator for Speculative<'_, '_, D> {
-    type Error = ModelError;
+impl<T: Target, D: Drafter> Evaluator for Speculative<T, D> {
+    type Error = SpecError<T::Error>;
 
-    fn eval_last(&mut self, tokens: &[u32]) -> Result<Vec<f32>, ModelError> {
+    fn eval_last(&mut self, tokens: &[u32]) -> Result<Vec<f32>, Self::Error> {
         if let ([t], Some((p, _))) = (tokens, self.pending.front()) {
             if t == p {
                 let (t, logits) = self.pending.pop_front().expect("checked");
@@ -257,16 +338,23 @@ impl<D: Drafter> Evaluator for Speculative<'_, '_, D> {
             Some(_) => self.misses = 0,
             None => {}
         }
-        let room = self.target.ctx().saturating_sub(self.history.len() + 1);
+        let room = self
+            .target
+            .ctx()
+            .saturating_sub(self.history.len() + 1)
+            .min(self.target.max_rows().saturating_sub(1));
         let drafts = if self.rest > 0 {
             self.rest -= 1;
             Vec::new()
         } else {
-            let d = self.drafter.draft(
-                &self.history,
-                self.params.max_draft.min(room),
-                self.params.p_min,
-            )?;
+            let d = self
+                .drafter
+                .draft(
+                    &self.history,
+                    self.params.max_draft.min(room),
+                    self.params.p_min,
+                )
+                .map_err(SpecError::Draft)?;
             self.round = Some((d.len(), 0));
             d
         };
@@ -274,9 +362,12 @@ impl<D: Drafter> Evaluator for Speculative<'_, '_, D> {
         self.stats.target_passes += 1;
         let mut batch = tokens.to_vec();
         batch.extend_from_slice(&drafts);
-        let rows: Vec<usize> = (tokens.len() - 1..batch.len()).collect();
-        let all = self.target.eval(&batch, &rows)?;
-        let n_vocab = all.len() / rows.len();
+        let n_rows = drafts.len() + 1;
+        let all = self
+            .target
+            .eval_rows(&batch, n_rows)
+            .map_err(SpecError::Target)?;
+        let n_vocab = all.len() / n_rows;
         let mut rows = all.chunks_exact(n_vocab);
         let first = rows.next().expect("one row at least").to_vec();
         self.pending = drafts.into_iter().zip(rows.map(<[f32]>::to_vec)).collect();

@@ -265,6 +265,29 @@ impl NsDaemon {
         serde_json::from_slice(&o.stdout).ok()
     }
 
+    /// POSTs JSON to the daemon's API from inside its host; the status and
+    /// the JSON answer.
+    pub fn post(&self, path: &str, body: &serde_json::Value) -> (u16, serde_json::Value) {
+        let o = Command::new("ip")
+            .args(["netns", "exec", &self.ns, "curl", "-s", "--max-time", "300"])
+            .args([
+                "-w",
+                "\n%{http_code}",
+                "-H",
+                "Content-Type: application/json",
+            ])
+            .args(["-d", &body.to_string()])
+            .arg(format!("http://127.0.0.1:7340{path}"))
+            .output()
+            .expect("running curl");
+        let out = String::from_utf8_lossy(&o.stdout);
+        let (json, code) = out.rsplit_once('\n').unwrap_or(("", &out));
+        (
+            code.trim().parse().unwrap_or(0),
+            serde_json::from_str(json).unwrap_or(serde_json::Value::Null),
+        )
+    }
+
     /// Runs `primactl` inside this daemon's host.
     pub fn ctl(&self, args: &[&str]) -> Output {
         Command::new("ip")

@@ -159,6 +159,79 @@ fn gpu_layers_in_a_window_answer_as_one_device_with_the_same_placement() {
     );
 }
 
+/// Speculative decoding across the ring: the head drafts with the model's
+/// first 29 layers (most drafts are wrong, so both paths run: a verified
+/// prefix kept, a rejected tail rolled back on every device), each draft is
+/// verified in one trip with logits for every position, and the greedy
+/// answer is the plain one, token for token, with or without speculation.
+#[test]
+fn speculative_decoding_on_the_ring_keeps_the_greedy_answer() {
+    let hosts = Hosts::create(3).expect("hosts");
+    let ds = household(
+        &hosts,
+        SMOLLM2,
+        "smollm2-135m",
+        "[speculative]\ndraft_layers = 29\np_min = 0.0\n",
+    );
+    let want = generate(&model(SMOLLM2), QUESTION, N, true);
+    pin(&ds, 1, &[("dev0", 10), ("dev1", 10), ("dev2", 10)]);
+    wait_live(&ds, "pinned across three devices", |p| {
+        p["pinned"] == true && windows(p).len() == 3
+    });
+    let ask = |speculative: Option<bool>| {
+        let mut body = serde_json::json!({
+            "messages": [{"role": "user", "content": QUESTION}],
+            "max_tokens": N,
+            "temperature": 0,
+        });
+        if let Some(on) = speculative {
+            body["speculative"] = on.into();
+        }
+        // Asked on dev1: the head (dev0) answers and its usage comes back.
+        let (code, v) = ds[1].post("/v1/chat/completions", &body);
+        assert_eq!(code, 200, "{v}");
+        (
+            v["choices"][0]["message"]["content"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string(),
+            v["usage"].clone(),
+        )
+    };
+    let (text, usage) = ask(None);
+    assert_eq!(text, want, "speculative ring answer");
+    let sp = &usage["speculative"];
+    let n = |k: &str| sp[k].as_u64().unwrap_or(0);
+    eprintln!("speculative on the ring: {sp}");
+    assert!(n("drafted") > 0 && n("accepted") > 0, "{usage}");
+    assert!(
+        n("accepted") < n("drafted"),
+        "some drafts rejected: {usage}"
+    );
+    // Every accepted draft is a trip round the ring saved: each token
+    // came from a pass or a kept draft (one more pass reads an end token).
+    let done = usage["completion_tokens"].as_u64().unwrap();
+    let steps = n("passes") + n("accepted");
+    assert!((done..=done + 1).contains(&steps), "{usage}");
+    let (text, usage) = ask(Some(false));
+    assert_eq!(text, want, "plain ring answer");
+    assert!(usage["speculative"].is_null(), "{usage}");
+    // primactl bench compares the two on the same daemon.
+    let o = ds[1].ctl(&[
+        "bench",
+        "--speculative",
+        "--requests",
+        "1",
+        "--max-tokens",
+        "16",
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let b: serde_json::Value = serde_json::from_str(&stdout(&o)).expect("bench JSON");
+    assert!(b["speedup"].as_f64().is_some_and(|x| x > 0.0), "{b}");
+    assert!(b["speculative"]["drafted"].as_u64().unwrap_or(0) > 0, "{b}");
+}
+
 #[test]
 fn gemma3_through_the_ring_equals_one_device() {
     let hosts = Hosts::create(3).expect("hosts");

@@ -1082,6 +1082,7 @@ impl Loop {
                 links: self.links(),
                 memory_budget: local.memory_budget,
                 bandwidth: local.bandwidth.clone(),
+                draft_bytes: local.draft_bytes,
             });
         }
         {
@@ -1107,6 +1108,7 @@ impl Loop {
                     links: p.ad.links.clone(),
                     memory_budget: p.ad.memory_budget,
                     bandwidth: p.ad.bandwidth.clone(),
+                    draft_bytes: p.ad.draft_bytes,
                 });
             }
         }

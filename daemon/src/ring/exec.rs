@@ -33,8 +33,8 @@ use super::{
 };
 
 /// What the head's driver gets back for a batch: the session id and the
-/// logits of its last token (sessions replayed under a new id share the
-/// channel, so stale answers are told apart).
+/// logits of the rows it asked for, row after row (sessions replayed under
+/// a new id share the channel, so stale answers are told apart).
 pub type Logits = (u64, Result<Vec<f32>, String>);
 
 pub enum Input {
@@ -66,15 +66,15 @@ pub enum Input {
 }
 
 /// Where a batch belongs: its session, the plan layout the session runs
-/// on, its first position, the session's context, and whether the head
-/// wants its logits.
+/// on, its first position, the session's context, and for how many of its
+/// last tokens the head wants logits (0: none).
 #[derive(Debug, Clone, Copy)]
 pub struct Batch {
     pub req: u64,
     pub layout: u64,
     pub pos: usize,
     pub ctx: usize,
-    pub last: bool,
+    pub rows: usize,
 }
 
 /// Why a session's batch was refused: the devices now run another layout.
@@ -550,7 +550,7 @@ impl Prepared {
                     pos: b.pos as u32,
                     n_tokens: h.n_tokens as u32,
                     ctx: b.ctx as u32,
-                    last: b.last,
+                    rows: b.rows as u32,
                 };
                 self.send(rank, Frame::act(header, &h.data), out);
                 if s.prefetch {
@@ -568,8 +568,10 @@ impl Prepared {
                 }
                 None => {
                     // The head finished the last layer: close the ring.
-                    if b.last {
-                        let logits = self.windows[0].head(&h, &[h.n_tokens - 1]);
+                    if b.rows > 0 {
+                        let rows: Vec<usize> =
+                            (h.n_tokens.saturating_sub(b.rows)..h.n_tokens).collect();
+                        let logits = self.windows[0].head(&h, &rows);
                         if let Some(r) = self.replies.get(&b.req) {
                             let _ = r.send((b.req, Ok(logits)));
                         }
@@ -669,7 +671,7 @@ impl Prepared {
                 pos,
                 n_tokens,
                 ctx,
-                last,
+                rows,
                 ..
             } => {
                 let ctx = ctx as usize;
@@ -695,7 +697,7 @@ impl Prepared {
                     layout,
                     pos: pos as usize,
                     ctx,
-                    last,
+                    rows: rows as usize,
                 };
                 // This frame is for my window of `round`: run it here.
                 self.route(b, self.rank, round, h, out, s);
@@ -711,9 +713,14 @@ impl Prepared {
                     self.replies.remove(&req);
                 }
             }
-            // Positions past `from` are simply overwritten by the next
-            // batch: attention only reads positions below its own.
-            KvOp::Truncate { .. } => {}
+            // A rejected speculative tail: positions from `from` on are
+            // overwritten by the session's next batch (which starts there)
+            // and attention never reads past its own position, so the
+            // rollback costs nothing here; the message keeps every device
+            // told, in order with the session's batches.
+            KvOp::Truncate { from } => {
+                tracing::trace!(req, from, "session rolled back");
+            }
         }
         let next = self.plan.next(self.rank);
         if next != 0 {

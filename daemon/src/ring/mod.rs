@@ -29,7 +29,7 @@ use futures_util::{
     StreamExt,
 };
 use libp2p::{PeerId, Stream, StreamProtocol};
-use prima_kernels::engine::Evaluator;
+use prima_kernels::{engine::Evaluator, speculative::Target};
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc::UnboundedReceiver;
 
@@ -96,6 +96,14 @@ pub struct RingAd {
     /// connection: Halda's per-hop transfer time.
     #[serde(default)]
     pub bandwidth: Vec<(String, f64)>,
+    /// Memory the speculative draft takes here when this device heads the
+    /// ring (`[speculative]`): Halda plans the head's window without it.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub draft_bytes: u64,
+}
+
+fn is_zero(v: &u64) -> bool {
+    *v == 0
 }
 
 /// What this device last heard from a peer.
@@ -134,6 +142,8 @@ pub enum AskEvent {
         finish: String,
         prompt_tokens: usize,
         completion_tokens: usize,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        speculative: Option<crate::worker::SpecUsage>,
     },
     Failed {
         status: u16,
@@ -158,6 +168,8 @@ pub struct Settings {
     pub memory_budget: Option<u64>,
     /// The GPU for the plan's GPU layers (n_m), if any.
     pub gpu: crate::gpu::Handle,
+    /// The speculative draft this device runs when it heads the ring.
+    pub draft: Option<crate::worker::DraftSource>,
 }
 
 type AskHandler = dyn Fn(GenRequest) -> UnboundedReceiver<Event> + Send + Sync;
@@ -341,6 +353,11 @@ impl Ring {
     /// The model file this device offers.
     pub fn model_file(&self) -> Option<PathBuf> {
         self.model_path.read().expect("path").clone()
+    }
+
+    /// What the draft costs this device as head (see [`RingAd::draft_bytes`]).
+    pub fn set_draft_bytes(&self, b: u64) {
+        self.local.write().expect("local ad").draft_bytes = b;
     }
 
     pub fn set_device_profile(&self, p: Option<halda::DeviceProfile>) {
@@ -829,24 +846,28 @@ impl RingSession<'_> {
         Ok(())
     }
 
-    /// Evaluates `tokens` at the current position, once.
-    fn try_eval(&mut self, tokens: &[u32]) -> Result<Vec<f32>, String> {
+    /// Evaluates `tokens` at the current position, once, with the logits
+    /// of the last `rows`.
+    fn try_eval(&mut self, tokens: &[u32], rows: usize) -> Result<Vec<f32>, String> {
         let ub = self.ring.settings.ubatch.clamp(1, MAX_UBATCH);
-        let n = tokens.len().div_ceil(ub);
+        let sizes = micro_batches(tokens.len(), ub, rows);
+        let n = sizes.len();
         let start = self.pos;
-        for (i, chunk) in tokens.chunks(ub).enumerate() {
+        let mut at = 0;
+        for (i, len) in sizes.into_iter().enumerate() {
             self.ring.to_exec(Input::Submit {
                 batch: exec::Batch {
                     req: self.req,
                     layout: self.plan.layout_id(),
                     pos: self.pos,
                     ctx: self.ctx,
-                    last: i + 1 == n,
+                    rows: if i + 1 == n { rows } else { 0 },
                 },
-                tokens: chunk.to_vec(),
+                tokens: tokens[at..at + len].to_vec(),
                 reply: self.tx.clone(),
             });
-            self.pos += chunk.len();
+            at += len;
+            self.pos += len;
         }
         // Until the answer comes, the caches hold nothing reliable past
         // `start` (a failed batch leaves the position there).
@@ -910,11 +931,53 @@ impl RingSession<'_> {
     }
 }
 
+/// Sizes of the micro-batches (at most `ub` tokens each) that carry `len`
+/// tokens, the last one holding at least the `rows` tokens whose logits are
+/// wanted (the head computes logits only for its last micro-batch).
+fn micro_batches(len: usize, ub: usize, rows: usize) -> Vec<usize> {
+    let n = len.div_ceil(ub).max(1);
+    let mut sizes = vec![ub; n];
+    sizes[n - 1] = len - (n - 1) * ub;
+    if sizes[n - 1] < rows && n > 1 {
+        let d = rows - sizes[n - 1];
+        sizes[n - 1] = rows;
+        sizes[n - 2] -= d;
+    }
+    sizes
+}
+
 impl Evaluator for RingSession<'_> {
     type Error = String;
 
     fn eval_last(&mut self, tokens: &[u32]) -> Result<Vec<f32>, String> {
-        if tokens.is_empty() || self.history.len() + tokens.len() > self.ctx {
+        self.eval_rows(tokens, 1)
+    }
+
+    fn pos(&self) -> usize {
+        self.history.len()
+    }
+
+    fn ctx(&self) -> usize {
+        self.ctx
+    }
+}
+
+/// Speculative drafts are verified on the ring in one trip: the head gets
+/// the logits of every drafted position, and a rejected tail is rolled back
+/// on every device with a `Truncate` message that travels the ring ahead
+/// of the session's next batch.
+impl Target for RingSession<'_> {
+    type Error = String;
+
+    fn eval_rows(&mut self, tokens: &[u32], rows: usize) -> Result<Vec<f32>, String> {
+        if rows == 0 || rows > tokens.len() || rows > self.max_rows() {
+            return Err(format!(
+                "logits for {rows} of {} tokens (at most {} per batch)",
+                tokens.len(),
+                self.max_rows()
+            ));
+        }
+        if self.history.len() + tokens.len() > self.ctx {
             return Err(format!(
                 "{} tokens at position {} do not fit a context of {}",
                 tokens.len(),
@@ -931,7 +994,7 @@ impl Evaluator for RingSession<'_> {
         loop {
             let mut feed = self.history[self.pos..].to_vec();
             feed.extend_from_slice(tokens);
-            match self.try_eval(&feed) {
+            match self.try_eval(&feed, rows) {
                 Ok(l) => {
                     self.history.extend_from_slice(tokens);
                     self.retried = false;
@@ -1002,12 +1065,26 @@ impl Evaluator for RingSession<'_> {
         }
     }
 
-    fn pos(&self) -> usize {
-        self.history.len()
+    fn rewind(&mut self, pos: usize) {
+        if pos >= self.history.len() {
+            return;
+        }
+        self.history.truncate(pos);
+        if self.pos > pos {
+            self.pos = pos;
+            self.ring.to_exec(Input::Kv {
+                req: self.req,
+                op: KvOp::Truncate { from: pos as u32 },
+            });
+        }
     }
 
     fn ctx(&self) -> usize {
         self.ctx
+    }
+
+    fn max_rows(&self) -> usize {
+        self.ring.settings.ubatch.clamp(1, MAX_UBATCH)
     }
 }
 
@@ -1330,11 +1407,13 @@ async fn serve_ask(handler: Arc<AskHandler>, mut s: Stream) -> std::io::Result<(
                 finish,
                 prompt_tokens,
                 completion_tokens,
+                speculative,
             } => (
                 AskEvent::Done {
                     finish: finish.to_string(),
                     prompt_tokens,
                     completion_tokens,
+                    speculative,
                 },
                 true,
             ),
@@ -1397,5 +1476,26 @@ fn resident_fraction(map: &[u8], spans: &[(u64, u64)]) -> f64 {
     {
         let _ = (map, spans);
         0.0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::micro_batches;
+
+    #[test]
+    fn the_last_micro_batch_holds_every_row_whose_logits_are_wanted() {
+        assert_eq!(micro_batches(5, 64, 1), vec![5]);
+        assert_eq!(micro_batches(130, 64, 1), vec![64, 64, 2]);
+        // Nine rows to verify, two left over: the cut moves back.
+        assert_eq!(micro_batches(130, 64, 9), vec![64, 57, 9]);
+        assert_eq!(micro_batches(64, 64, 9), vec![64]);
+        assert_eq!(micro_batches(72, 64, 9), vec![63, 9]);
+        for (len, ub, rows) in [(1, 1, 1), (200, 7, 7), (33, 32, 32), (9, 4, 3)] {
+            let s = micro_batches(len, ub, rows);
+            assert_eq!(s.iter().sum::<usize>(), len);
+            assert!(s.iter().all(|&n| (1..=ub).contains(&n)), "{s:?}");
+            assert!(*s.last().unwrap() >= rows, "{s:?}");
+        }
     }
 }

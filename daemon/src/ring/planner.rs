@@ -23,6 +23,8 @@ pub struct Candidate {
     pub memory_budget: Option<u64>,
     /// Measured throughput to other candidates, by name (Mbit/s).
     pub bandwidth: Vec<(String, f64)>,
+    /// Memory its speculative draft takes if it heads the ring.
+    pub draft_bytes: u64,
 }
 
 pub struct Request<'a> {
@@ -199,7 +201,13 @@ pub fn make_plan(r: &Request) -> Result<Planned, String> {
         let perm: Vec<usize> = std::iter::once(h)
             .chain((0..n).filter(|&i| i != h))
             .collect();
-        let devs: Vec<halda::DeviceProfile> = perm.iter().map(|&i| devices[i].clone()).collect();
+        let mut devs: Vec<halda::DeviceProfile> =
+            perm.iter().map(|&i| devices[i].clone()).collect();
+        // The head runs the speculative draft beside its window.
+        let m = &mut devs[0].memory;
+        m.available_bytes = m
+            .available_bytes
+            .saturating_sub(r.candidates[h].draft_bytes);
         match halda::plan(&mp, &devs, r.n_ctx, &opts) {
             Ok(hp) if hp.devices[0].window > 0 => {
                 let score = hp.tpot_ms * if h == 0 { 0.98 } else { 1.0 };
@@ -332,6 +340,7 @@ mod tests {
             ram_mb: 8192,
             links: vec![],
             memory_budget: None,
+            draft_bytes: 0,
             bandwidth: vec![],
         }
     }
@@ -388,5 +397,49 @@ mod tests {
         })
         .unwrap_err()
         .contains("laptop"));
+    }
+
+    /// The memory a speculative draft takes is the head's, not the
+    /// ring's: a device whose draft would leave no room for its window is
+    /// not made the head.
+    #[test]
+    fn the_drafts_memory_counts_against_the_head() {
+        let path = prima_kernels::models_dir()
+            .expect("a home directory")
+            .join("SmolLM2-135M-Instruct.Q4_1.gguf");
+        assert!(
+            path.is_file(),
+            "{} is missing: run scripts/fetch-models",
+            path.display()
+        );
+        let model = ModelAd {
+            name: "smollm2".into(),
+            sha256: "s".into(),
+            n_layer: 30,
+        };
+        let mut cands = [cand(0), cand(1)];
+        let req = |cands: &[Candidate]| {
+            let r = Request {
+                model: &model,
+                path: &path,
+                candidates: cands,
+                pin: None,
+                epoch: 1,
+                coordinator: "12D3KooWpeer0",
+                n_ctx: 512,
+                use_all_devices: false,
+                current: None,
+            };
+            match make_plan(&r).unwrap() {
+                Planned::New(p) => p.head().name.clone(),
+                Planned::Keep { .. } => unreachable!("no current plan"),
+            }
+        };
+        // Alike devices: the coordinator heads.
+        assert_eq!(req(&cands), "dev0");
+        // dev0's draft would take all but 8 MiB of the half of its RAM an
+        // unprofiled device offers: dev1 heads.
+        cands[0].draft_bytes = (8192u64 << 20) / 2 - (8 << 20);
+        assert_eq!(req(&cands), "dev1");
     }
 }

@@ -29,7 +29,9 @@ pub enum KvOp {
 pub enum Header {
     /// Hidden states of `n_tokens` tokens at positions `pos..`, to be run
     /// through the receiver's window of `round`. `ctx` sizes a new
-    /// session's cache; `last` marks the batch whose logits the head wants.
+    /// session's cache; `rows` is how many of the batch's last tokens the
+    /// head wants logits for (0 for all but a request's last micro-batch;
+    /// more than 1 when it verifies speculative drafts).
     Act {
         /// The plan layout the session runs on ([`super::plan::RingPlan::layout_id`]).
         layout: u64,
@@ -38,7 +40,7 @@ pub enum Header {
         pos: u32,
         n_tokens: u32,
         ctx: u32,
-        last: bool,
+        rows: u32,
     },
     /// A cache command for session `req`; applied, then passed on.
     Kv { layout: u64, req: u64, op: KvOp },
@@ -94,6 +96,8 @@ pub enum WireError {
         want: usize,
         got: usize,
     },
+    #[error("activation frame of {n_tokens} tokens asks for the logits of {rows}")]
+    TooManyRows { n_tokens: u32, rows: u32 },
     #[error("{kind} frame with a {got}-byte payload (must be empty)")]
     UnexpectedPayload { kind: &'static str, got: usize },
     #[error("a relayed frame inside a relayed frame")]
@@ -128,7 +132,13 @@ impl Frame {
     /// Checks the payload against the header for a model `dim` wide.
     pub fn check(&self, dim: usize) -> Result<(), WireError> {
         match &self.header {
-            Header::Act { n_tokens, .. } => {
+            Header::Act { n_tokens, rows, .. } => {
+                if rows > n_tokens {
+                    return Err(WireError::TooManyRows {
+                        n_tokens: *n_tokens,
+                        rows: *rows,
+                    });
+                }
                 let want = *n_tokens as usize * dim * 4;
                 if *n_tokens == 0 || self.payload.len() != want {
                     return Err(WireError::ShapeMismatch {
@@ -220,7 +230,7 @@ mod tests {
             pos: 5,
             n_tokens: n,
             ctx: 64,
-            last: true,
+            rows: 1,
         }
     }
 
@@ -321,6 +331,15 @@ mod tests {
         k.payload = vec![1];
         assert!(k.check(3).is_err());
         assert!(Frame::act(act(0), &[]).check(3).is_err());
+        // Logits for more rows than the batch has.
+        let mut h = act(2);
+        if let Header::Act { rows, .. } = &mut h {
+            *rows = 3;
+        }
+        assert!(matches!(
+            Frame::act(h, &[0.0; 6]).check(3),
+            Err(WireError::TooManyRows { .. })
+        ));
     }
 
     #[test]
