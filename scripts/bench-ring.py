@@ -11,6 +11,8 @@ Needs root (namespaces, cgroups) and the release binaries:
     python3 scripts/bench-ring.py links        # 4: TPOT vs link RTT (tbf rate limit + injected per-hop delay)
     python3 scripts/bench-ring.py bigger       # 2: a model 3x a device's memory limit: prima's ring vs llama.cpp
                                                #    (needs scripts/llama-venv; run it with that venv's python)
+    python3 scripts/bench-ring.py speculative  # 5: speculative decoding on one device and on the ring,
+                                               #    self-drafts and a same-vocabulary model draft
     python3 scripts/bench-ring.py all
 
 Each configuration is measured in alternating rounds (A B A B ...) through
@@ -374,9 +376,61 @@ def bigger(a):
         h.close()
 
 
+GEMMA3 = MODELS / "gemma-3-270m-q4_k_m.gguf"
+
+
+def speculative(a):
+    print("== 5. speculative decoding: `primactl bench --speculative` (plain, then with the draft; greedy) ==")
+    print("   drafts: the model's own first N layers + output head (no second model), or a whole")
+    print("   model with the same vocabulary (SmolLM2 as its own draft: every draft agrees, the")
+    print("   upper bound of what batched verification buys, paid with a full draft per token);")
+    print("   plain and speculative requests alternate, medians of --requests each")
+    cases = [
+        ("smollm2", SMOLLM2, 30, "draft_layers = 8", "self, 8 of 30 layers, p_min 0.6"),
+        ("smollm2", SMOLLM2, 30, "draft_layers = 29\np_min = 0.0", "self, 29 of 30 layers, p_min 0"),
+        ("smollm2", SMOLLM2, 30, f'draft_model = "{SMOLLM2}"', "SmolLM2 itself, p_min 0.6"),
+        ("smollm2", SMOLLM2, 30, f'draft_model = "{SMOLLM2}"\np_min = 0.0', "SmolLM2 itself, p_min 0"),
+        ("gemma3", GEMMA3, 18, "draft_layers = 6", "self, 6 of 18 layers, p_min 0.6"),
+        ("gemma3", GEMMA3, 18, "draft_layers = 16\np_min = 0.0", "self, 16 of 18 layers, p_min 0"),
+    ]
+    rows = []
+    for delay in [0, 5]:
+        for name, path, n_layer, draft, label in cases:
+            if not path.is_file():
+                print(f"  {path} missing: run scripts/fetch-models")
+                continue
+            extra = f'[model]\ndefault = "{name}"\n[speculative]\n{draft}\n'
+            h = Household(extra=extra, env={"PRIMA_DEBUG_HOP_DELAY_MS": str(delay)})
+            try:
+                h.wait_household()
+                h.add_model(path, name)
+                third = n_layer // 3
+                plans = {"one device": [("dev0", n_layer)],
+                         "ring 3 devices": [("dev0", third), ("dev1", third), ("dev2", n_layer - 2 * third)]}
+                for where, windows in plans.items():
+                    if delay and where == "one device":
+                        continue  # no hops, nothing delayed
+                    h.pin(1, windows)
+                    r = h.ctl(0, "bench", "--speculative", "--json", "--requests", str(a.requests),
+                              "--max-tokens", str(a.tokens), "--prompt", "Write a short story about a lighthouse keeper.")
+                    b = json.loads(r.stdout.strip().splitlines()[-1])
+                    sp = b["speculative"]
+                    rows.append((name, label, where, delay, b["plain"]["decode_tok_s_median"],
+                                 sp["decode_tok_s_median"], sp["acceptance"], sp["drafted"], b["speedup"]))
+                    print(f"  {name:<8} {label:<34} {where:<15} hop +{delay} ms: plain {rows[-1][4]:6.1f} tok/s, "
+                          f"speculative {rows[-1][5]:6.1f} tok/s ({b['speedup']:.2f}x), "
+                          f"{100 * sp['acceptance']:.0f}% of {sp['drafted']} drafts accepted", flush=True)
+            finally:
+                h.close()
+    print("  model    draft                              where           hop   plain  spec  speed-up  accepted")
+    for name, label, where, delay, plain, spec, acc, drafted, speedup in rows:
+        print(f"  {name:<8} {label:<34} {where:<15} {delay:3} ms {plain:6.1f} {spec:6.1f}  {speedup:5.2f}x  "
+              f"{100 * acc:4.0f}% of {drafted}")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("which", choices=["overhead", "hetero", "links", "bigger", "all"])
+    ap.add_argument("which", choices=["overhead", "hetero", "links", "bigger", "speculative", "all"])
     ap.add_argument("--limit-mib", type=int, default=583, help="bigger: per-device memory limit")
     ap.add_argument("--head-window", type=int, default=6, help="bigger: layers on the head (it also holds the output)")
     ap.add_argument("--llama-modes", default="mmap,default", help="bigger: llama.cpp runs (mmap = --no-repack)")
@@ -389,8 +443,9 @@ def main():
         raise SystemExit("bench-ring needs root (network namespaces, cgroups)")
     if not SMOLLM2.is_file():
         raise SystemExit(f"{SMOLLM2} missing: run scripts/fetch-models smollm2")
-    for w in (["overhead", "hetero", "links", "bigger"] if a.which == "all" else [a.which]):
-        {"overhead": overhead, "hetero": hetero, "links": links, "bigger": bigger}[w](a)
+    for w in (["overhead", "hetero", "links", "bigger", "speculative"] if a.which == "all" else [a.which]):
+        {"overhead": overhead, "hetero": hetero, "links": links, "bigger": bigger,
+         "speculative": speculative}[w](a)
 
 
 if __name__ == "__main__":

@@ -993,85 +993,112 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
+/// Speculation's counts: tokens drafted, drafts accepted, model passes.
+type SpecCounts = (u64, u64, u64);
+
 /// What one series of bench requests measured.
 struct BenchRun {
     ttft_ms: f64,
     decode_tok_s: f64,
     tokens: u64,
-    /// Summed over the requests: drafted, accepted, passes.
-    spec: Option<(u64, u64, u64)>,
+    /// Summed over the requests.
+    spec: Option<SpecCounts>,
 }
 
-fn bench_series(api: &Api, b: &BenchArgs, speculative: Option<bool>) -> Result<BenchRun> {
-    let mut ttft = vec![];
-    let mut decode = vec![];
-    let mut tokens = 0;
-    let mut spec: Option<(u64, u64, u64)> = None;
+/// One bench request: time to first token (ms), decode speed (tokens/s,
+/// if more than one token), tokens, and what speculation did.
+fn bench_request(
+    api: &Api,
+    b: &BenchArgs,
+    speculative: Option<bool>,
+) -> Result<(f64, Option<f64>, u64, Option<SpecCounts>)> {
+    let mut body = json!({
+        "messages": [{"role": "user", "content": b.prompt}],
+        "max_tokens": b.max_tokens,
+        "temperature": 0,
+        "stream": true,
+        "stream_options": {"include_usage": true},
+    });
+    if let Some(m) = &b.model {
+        body["model"] = json!(m);
+    }
+    if let Some(on) = speculative {
+        body["speculative"] = json!(on);
+    }
+    let t0 = Instant::now();
+    let resp = api.post("/v1/chat/completions", &body)?;
+    let mut first = None;
+    let mut completion = 0u64;
+    let mut spec = None;
+    for_each_event(resp, |v| {
+        let piece = v["choices"][0]["delta"]["content"].as_str().unwrap_or("");
+        if !piece.is_empty() && first.is_none() {
+            first = Some(t0.elapsed());
+        }
+        if let Some(n) = v["usage"]["completion_tokens"].as_u64() {
+            completion = n;
+        }
+        let sp = &v["usage"]["speculative"];
+        if sp.is_object() {
+            let n = |k: &str| sp[k].as_u64().unwrap_or(0);
+            spec = Some((n("drafted"), n("accepted"), n("passes")));
+        }
+        Ok(())
+    })?;
+    let total = t0.elapsed();
+    let first = first.unwrap_or(total);
+    let decode =
+        (completion > 1).then(|| (completion - 1) as f64 / (total - first).as_secs_f64().max(1e-9));
+    Ok((first.as_secs_f64() * 1e3, decode, completion, spec))
+}
+
+/// `--requests` rounds; in each, one request per mode (alternating, so the
+/// modes share the machine's slow and fast moments).
+fn bench_series(api: &Api, b: &BenchArgs, modes: &[Option<bool>]) -> Result<Vec<BenchRun>> {
+    #[derive(Clone, Default)]
+    struct Acc {
+        ttft: Vec<f64>,
+        decode: Vec<f64>,
+        tokens: u64,
+        spec: Option<SpecCounts>,
+    }
+    let mut acc = vec![Acc::default(); modes.len()];
     for i in 0..b.requests {
-        let mut body = json!({
-            "messages": [{"role": "user", "content": b.prompt}],
-            "max_tokens": b.max_tokens,
-            "temperature": 0,
-            "stream": true,
-            "stream_options": {"include_usage": true},
-        });
-        if let Some(m) = &b.model {
-            body["model"] = json!(m);
-        }
-        if let Some(on) = speculative {
-            body["speculative"] = json!(on);
-        }
-        let t0 = Instant::now();
-        let resp = api.post("/v1/chat/completions", &body)?;
-        let mut first = None;
-        let mut completion = 0u64;
-        for_each_event(resp, |v| {
-            let piece = v["choices"][0]["delta"]["content"].as_str().unwrap_or("");
-            if !piece.is_empty() && first.is_none() {
-                first = Some(t0.elapsed());
+        for (m, a) in modes.iter().zip(acc.iter_mut()) {
+            let (ttft, decode, completion, spec) = bench_request(api, b, *m)?;
+            a.ttft.push(ttft);
+            a.decode.extend(decode);
+            a.tokens = completion;
+            if let Some((d, k, p)) = spec {
+                let t = a.spec.get_or_insert((0, 0, 0));
+                t.0 += d;
+                t.1 += k;
+                t.2 += p;
             }
-            if let Some(n) = v["usage"]["completion_tokens"].as_u64() {
-                completion = n;
+            if !b.json {
+                eprintln!(
+                    "request {}/{}{}: first token {ttft:.0} ms, {completion} tokens{}",
+                    i + 1,
+                    b.requests,
+                    match m {
+                        Some(true) => " (speculative)",
+                        Some(false) => " (plain)",
+                        None => "",
+                    },
+                    decode.map_or(String::new(), |d| format!(", {d:.1} tokens/s")),
+                );
             }
-            let sp = &v["usage"]["speculative"];
-            if sp.is_object() {
-                let n = |k: &str| sp[k].as_u64().unwrap_or(0);
-                let t = spec.get_or_insert((0, 0, 0));
-                t.0 += n("drafted");
-                t.1 += n("accepted");
-                t.2 += n("passes");
-            }
-            Ok(())
-        })?;
-        let total = t0.elapsed();
-        let first = first.unwrap_or(total);
-        ttft.push(first.as_secs_f64() * 1e3);
-        if completion > 1 {
-            decode.push((completion - 1) as f64 / (total - first).as_secs_f64().max(1e-9));
-        }
-        tokens = completion;
-        if !b.json {
-            eprintln!(
-                "request {}/{}{}: first token {:.0} ms, {} tokens in {:.2} s",
-                i + 1,
-                b.requests,
-                match speculative {
-                    Some(true) => " (speculative)",
-                    Some(false) => " (plain)",
-                    None => "",
-                },
-                first.as_secs_f64() * 1e3,
-                completion,
-                total.as_secs_f64()
-            );
         }
     }
-    Ok(BenchRun {
-        ttft_ms: median(ttft),
-        decode_tok_s: median(decode),
-        tokens,
-        spec,
-    })
+    Ok(acc
+        .into_iter()
+        .map(|a| BenchRun {
+            ttft_ms: median(a.ttft),
+            decode_tok_s: median(a.decode),
+            tokens: a.tokens,
+            spec: a.spec,
+        })
+        .collect())
 }
 
 fn bench(api: &Api, b: BenchArgs) -> Result<()> {
@@ -1079,7 +1106,7 @@ fn bench(api: &Api, b: BenchArgs) -> Result<()> {
         bail!("--requests must be at least 1");
     }
     if !b.speculative {
-        let r = bench_series(api, &b, None)?;
+        let r = bench_series(api, &b, &[None])?.remove(0);
         if b.json {
             println!(
                 "{}",
@@ -1094,8 +1121,8 @@ fn bench(api: &Api, b: BenchArgs) -> Result<()> {
         }
         return Ok(());
     }
-    let plain = bench_series(api, &b, Some(false))?;
-    let spec = bench_series(api, &b, Some(true))?;
+    let mut runs = bench_series(api, &b, &[Some(false), Some(true)])?.into_iter();
+    let (plain, spec) = (runs.next().expect("two"), runs.next().expect("two"));
     let Some((drafted, accepted, passes)) = spec.spec else {
         bail!(
             "the daemon did not decode speculatively: set a draft in its [speculative] section \

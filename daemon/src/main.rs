@@ -696,6 +696,7 @@ fn generate(a: GenerateArgs) -> Result<()> {
         let draft = any_draft(&a.draft, &model, dm.as_ref(), ctx)?;
         let mut spec =
             prima_kernels::speculative::Speculative::new(&mut session, draft, a.draft.params());
+        spec.set_end(ids.len() + a.max_tokens);
         let g = engine::generate_with(&mut spec, &tok, &ids, &params, &mut sampler, &mut on_text)?;
         let st = spec.stats;
         eprintln!(
@@ -958,6 +959,7 @@ fn bench(a: BenchArgs) -> Result<()> {
             let draft = any_draft(&a.draft, &model, dm.as_ref(), ctx)?;
             let mut s =
                 prima_kernels::speculative::Speculative::new(&mut target, draft, a.draft.params());
+            s.set_end(a.gen_tokens + 1);
             let mut next = sample[0];
             let t = Instant::now();
             for _ in 0..a.gen_tokens {

@@ -548,6 +548,7 @@ fn serve_here(
             match draft {
                 Some((d, sp)) => {
                     let mut s = Speculative::new(&mut session, d, sp);
+                    s.set_end(ids.len() + max_tokens);
                     let g =
                         engine::generate_with(&mut s, tok, &ids, &params, &mut sampler, on_text)
                             .map_err(|e| ring_err(e.to_string()))?;
@@ -563,6 +564,7 @@ fn serve_here(
         (_, _, Some((d, sp))) => {
             let mut target = engine::Session::new(model, ctx);
             let mut s = Speculative::new(&mut target, d, sp);
+            s.set_end(ids.len() + max_tokens);
             let g = engine::generate_with(&mut s, tok, &ids, &params, &mut sampler, on_text)
                 .map_err(|e| model_err(e.to_string()))?;
             spec_usage = Some(SpecUsage::from(s.stats));

@@ -288,6 +288,8 @@ pub struct Speculative<T, D> {
     /// trying again.
     misses: u32,
     rest: usize,
+    /// Positions the answer can reach ([`Speculative::set_end`]).
+    end: usize,
     pub stats: SpecStats,
 }
 
@@ -303,8 +305,15 @@ impl<T: Target, D: Drafter> Speculative<T, D> {
             round: None,
             misses: 0,
             rest: 0,
+            end: usize::MAX,
             stats: SpecStats::default(),
         }
+    }
+
+    /// The answer ends at `end` positions (prompt and tokens to generate):
+    /// nothing is drafted past it, where no proposal could be used.
+    pub fn set_end(&mut self, end: usize) {
+        self.end = end;
     }
 }
 
@@ -341,6 +350,7 @@ impl<T: Target, D: Drafter> Evaluator for Speculative<T, D> {
         let room = self
             .target
             .ctx()
+            .min(self.end)
             .saturating_sub(self.history.len() + 1)
             .min(self.target.max_rows().saturating_sub(1));
         let drafts = if self.rest > 0 {
