@@ -7,6 +7,7 @@
 //! shipped defaults) and never overwrites an existing config. Uninstall
 //! stops and removes the service and keeps state unless asked to purge.
 
+#[cfg(not(windows))]
 use anyhow::{bail, Context, Result};
 #[cfg(target_os = "linux")]
 use std::path::{Path, PathBuf};
@@ -29,6 +30,7 @@ pub fn launchd_plist(exe: &str) -> String {
     )
 }
 
+#[cfg(unix)]
 fn exe() -> Result<String> {
     let p = std::env::current_exe().context("finding this program's path")?;
     let p = p.canonicalize().unwrap_or(p);

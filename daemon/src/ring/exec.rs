@@ -113,6 +113,7 @@ struct Prepared {
 pub struct Streaming {
     file: Arc<Gguf>,
     /// For posix_fadvise(DONTNEED).
+    #[cfg_attr(not(any(target_os = "linux", target_os = "android")), allow(dead_code))]
     fd: std::fs::File,
     /// Streamed matrices (offset, length) in the order they are used.
     order: Vec<(u64, u64)>,
@@ -144,7 +145,8 @@ impl Streaming {
             return; // resident
         };
         self.file.release(a, len);
-        #[cfg(unix)]
+        // (macOS has no fadvise; releasing the mapping above is what it gets.)
+        #[cfg(any(target_os = "linux", target_os = "android"))]
         {
             use std::os::fd::AsRawFd;
             // SAFETY: a plain syscall on an open descriptor; it only drops

@@ -11,7 +11,9 @@ use std::sync::{
     OnceLock,
 };
 
-use crate::quant::{self, ActRows, GgmlType, QuantActs};
+#[cfg(target_arch = "x86_64")]
+use crate::quant::QuantActs;
+use crate::quant::{self, ActRows, GgmlType};
 
 #[cfg(target_arch = "x86_64")]
 mod x86_64;
