@@ -44,11 +44,26 @@ impl Handle {
         }
         #[cfg(feature = "gpu")]
         {
-            let adapters = json!(prima_kernels::gpu::adapters());
             let opts = prima_kernels::gpu::GpuOptions {
                 adapter: (!cfg.adapter.is_empty()).then(|| cfg.adapter.clone()),
                 allow_software: cfg.allow_software,
             };
+            let reports = match probe() {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::warn!(error = %e, "probing the GPU drivers failed: the ring runs on the CPU");
+                    return Self::none(&format!("probing the GPU drivers failed: {e}"));
+                }
+            };
+            let adapters = json!(reports);
+            // Nothing usable: the drivers are never loaded into the daemon.
+            if let Err(e) = prima_kernels::gpu::choose(&reports, &opts) {
+                tracing::info!(reason = %e, "no GPU: the ring runs on the CPU");
+                return Self {
+                    adapters,
+                    ..Self::none(&e.to_string())
+                };
+            }
             match prima_kernels::gpu::Gpu::open(&opts) {
                 Ok(g) => Self {
                     gpu: Some(g),
@@ -261,4 +276,54 @@ pub fn forward(
             .forward_layers(range, h, kv, pos)
             .map_err(|e| e.to_string())
     }
+}
+
+/// The hidden `primad` subcommand that lists the adapters as JSON.
+pub const PROBE_COMMAND: &str = "gpu-probe";
+
+/// The machine's GPU adapters, enumerated by a child `primad gpu-probe`.
+///
+/// Enumerating loads every installed Vulkan, Metal or DX12 driver into the
+/// process: Mesa's software driver alone cost the daemon about 12 MB of
+/// anonymous memory and 40 MB of mapped libraries, which a device with no
+/// usable GPU (the low-memory devices the ring streams weights on) should
+/// not pay. In a child the drivers come and go with it, and a driver that
+/// crashes or hangs while enumerating takes the child down, not the daemon.
+#[cfg(feature = "gpu")]
+fn probe() -> Result<Vec<prima_kernels::gpu::AdapterReport>, String> {
+    use std::{
+        process::{Command, Stdio},
+        time::{Duration, Instant},
+    };
+    let exe = std::env::current_exe().map_err(|e| format!("finding primad: {e}"))?;
+    let mut child = Command::new(exe)
+        .arg(PROBE_COMMAND)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| format!("starting `primad {PROBE_COMMAND}`: {e}"))?;
+    let t = Instant::now();
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(s)) => break s,
+            Ok(None) if t.elapsed() < Duration::from_secs(20) => {
+                std::thread::sleep(Duration::from_millis(10))
+            }
+            Ok(None) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err("the drivers did not answer within 20 s".into());
+            }
+            Err(e) => return Err(e.to_string()),
+        }
+    };
+    let mut out = Vec::new();
+    if let Some(mut s) = child.stdout.take() {
+        let _ = std::io::Read::read_to_end(&mut s, &mut out);
+    }
+    if !status.success() {
+        return Err(format!("`primad {PROBE_COMMAND}` ended with {status}"));
+    }
+    serde_json::from_slice(&out).map_err(|e| format!("`primad {PROBE_COMMAND}` said: {e}"))
 }

@@ -75,6 +75,10 @@ enum Command {
     /// (systemd on Linux, launchd on macOS, the Windows service manager).
     #[command(subcommand)]
     Service(ServiceCmd),
+    /// Lists the GPU adapters as JSON (the daemon runs this in a child
+    /// process, so drivers load only where a GPU will be used).
+    #[command(hide = true, name = "gpu-probe")]
+    GpuProbe,
     /// Test aid: act as this (stopped) device and send malformed gossip.
     #[command(hide = true)]
     DebugHostileGossip {
@@ -465,6 +469,14 @@ fn tool(c: Command) -> Result<()> {
         Command::Plan(a) => plan(a),
         Command::Profile(a) => profile(a),
         Command::Synth(a) => synth(a),
+        Command::GpuProbe => {
+            #[cfg(feature = "gpu")]
+            let list = serde_json::json!(prima_kernels::gpu::adapters());
+            #[cfg(not(feature = "gpu"))]
+            let list = serde_json::json!([]);
+            println!("{list}");
+            Ok(())
+        }
         Command::Service(c) => match c {
             ServiceCmd::Install => primad::service::install(),
             ServiceCmd::Uninstall { purge } => primad::service::uninstall(purge),

@@ -758,8 +758,14 @@ fn without_a_usable_gpu_the_daemon_says_why_and_answers_on_the_cpu() {
     assert!(gpu["using"].is_null(), "{gpu}");
     let why = gpu["why_not"].as_str().unwrap_or_default();
     assert!(why.contains("none named like \"no such gpu\""), "{gpu}");
-    // The adapters the machine has are still listed (CI: Mesa's lavapipe).
+    // The adapters the machine has are still listed (CI: Mesa's lavapipe),
+    // enumerated by a child process: no driver is loaded into the daemon.
     assert!(!gpu["adapters"].as_array().unwrap().is_empty(), "{gpu}");
+    let maps = std::fs::read_to_string(format!("/proc/{}/maps", d.pid())).unwrap();
+    assert!(
+        !maps.contains("libvulkan") && !maps.contains("lvp_icd") && !maps.contains("libLLVM"),
+        "GPU drivers mapped into a daemon that uses no GPU"
+    );
     let want = generate(&model(SMOLLM2), RAW, 16, false);
     let got = ok(d.ctl().args(["ask", "--raw", "-t", "0", "-n", "16", RAW]));
     assert_eq!(got.trim_end_matches('\n'), want.trim_end_matches('\n'));

@@ -147,6 +147,42 @@ pub fn adapters() -> Vec<AdapterReport> {
     sorted_adapters().into_iter().map(|(_, r)| r).collect()
 }
 
+/// Which of `reports` (best first, as [`adapters`] lists them) [`Gpu::open`]
+/// takes under `opts`, or why none: lets a caller that enumerated the
+/// adapters elsewhere (in a child process) decide before loading a driver.
+pub fn choose(reports: &[AdapterReport], opts: &GpuOptions) -> Result<usize, GpuError> {
+    if reports.is_empty() {
+        return Err(GpuError::NoAdapter(
+            "no Vulkan, Metal or DX12 adapter on this machine (on Linux: is a Vulkan \
+             driver such as mesa-vulkan-drivers installed?)"
+                .into(),
+        ));
+    }
+    let names = reports
+        .iter()
+        .map(|r| format!("{} ({:?})", r.name, r.kind))
+        .collect::<Vec<_>>()
+        .join(", ");
+    reports
+        .iter()
+        .position(|r| {
+            let named = match &opts.adapter {
+                Some(n) => r.name.to_lowercase().contains(&n.to_lowercase()),
+                None => true,
+            };
+            named && (r.kind != AdapterKind::Software || opts.allow_software)
+        })
+        .ok_or_else(|| {
+            GpuError::NoAdapter(match &opts.adapter {
+                Some(n) => format!("none named like {n:?} among: {names}"),
+                None => format!(
+                    "only software adapters ({names}); they are slower than the CPU \
+                     kernels and are used only when allowed"
+                ),
+            })
+        })
+}
+
 /// The binding layout of a kernel: its storage buffers in order (read-only
 /// or read-write), then one uniform block of parameters.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -296,34 +332,9 @@ impl Gpu {
     /// Opens the best adapter `opts` allows.
     pub fn open(opts: &GpuOptions) -> Result<Arc<Self>, GpuError> {
         let all = sorted_adapters();
-        if all.is_empty() {
-            return Err(GpuError::NoAdapter(
-                "no Vulkan, Metal or DX12 adapter on this machine (on Linux: is a Vulkan \
-                 driver such as mesa-vulkan-drivers installed?)"
-                    .into(),
-            ));
-        }
-        let names = all
-            .iter()
-            .map(|(_, r)| format!("{} ({:?})", r.name, r.kind))
-            .collect::<Vec<_>>()
-            .join(", ");
-        let pick = all.into_iter().find(|(_, r)| {
-            let named = match &opts.adapter {
-                Some(n) => r.name.to_lowercase().contains(&n.to_lowercase()),
-                None => true,
-            };
-            named && (r.kind != AdapterKind::Software || opts.allow_software)
-        });
-        let Some((adapter, report)) = pick else {
-            return Err(GpuError::NoAdapter(match &opts.adapter {
-                Some(n) => format!("none named like {n:?} among: {names}"),
-                None => format!(
-                    "only software adapters ({names}); they are slower than the CPU \
-                     kernels and are used only when allowed"
-                ),
-            }));
-        };
+        let reports: Vec<AdapterReport> = all.iter().map(|(_, r)| r.clone()).collect();
+        let i = choose(&reports, opts)?;
+        let (adapter, report) = all.into_iter().nth(i).expect("chosen among them");
         Self::from_adapter(adapter, report)
     }
 
