@@ -129,7 +129,12 @@ class Household:
 
     def bench(self, on, requests, tokens, prompt):
         r = self.ctl(on, "bench", "--json", "--requests", str(requests), "--max-tokens", str(tokens),
-                     "--prompt", prompt)
+                     "--prompt", prompt, check=False)
+        if r.returncode != 0:
+            for i in range(self.n):
+                log = (self.work / f"dev{i}" / "primad.log").read_text().splitlines()
+                print(f"  dev{i} log tail:\n    " + "\n    ".join(log[-8:]))
+            raise SystemExit(f"primactl bench failed: {r.stderr.strip()}")
         return json.loads(r.stdout.strip().splitlines()[-1])
 
     def throttle(self, i, cores):

@@ -555,6 +555,9 @@ impl Prepared {
                     rows: b.rows as u32,
                 };
                 self.send(rank, Frame::act(header, &h.data), out);
+                // The other devices' windows come before this one's next:
+                // the compute threads need not wait hot for it.
+                prima_kernels::cpu::pool().rest();
                 if s.prefetch {
                     self.prefetch_after(round);
                 }

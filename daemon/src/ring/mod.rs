@@ -813,6 +813,11 @@ const MAX_REPLAYS: u32 = 5;
 /// A session's attempt ended because a link on the ring broke.
 const LINK_BROKE: &str = "a link on the ring broke";
 
+/// How long an attempt still waits for its answer after a link on the ring
+/// was reported broken (frames already sent on a live connection arrive;
+/// a sender that fails to send relays the frame itself).
+const LINK_GRACE: Duration = Duration::from_millis(1000);
+
 impl RingSession<'_> {
     /// A newer live plan than this session's, if one is live now or
     /// becomes live within `wait`.
@@ -882,6 +887,7 @@ impl RingSession<'_> {
         // A newer plan with other windows (the coordinator planned around
         // a device that died or froze) ends the wait early: what is on the
         // way will not come back.
+        let mut broke_at: Option<Instant> = None;
         let got = loop {
             let left = deadline.saturating_duration_since(Instant::now());
             match self.rx.recv_timeout(left.min(Duration::from_millis(50))) {
@@ -895,9 +901,14 @@ impl RingSession<'_> {
                     }) {
                         break Ok(Err(exec::REPLANNED.to_string()));
                     }
-                    // A link broke: what went that way may be lost; the
-                    // next attempt goes round it.
-                    if self.ring.link_breaks() > self.seen_breaks {
+                    // A link broke: what went that way may be lost, and
+                    // the next attempt goes round it. A device stalled in
+                    // memory reclaim looks the same for a moment while its
+                    // connections are fine, so the answer gets a short
+                    // grace to come back first.
+                    if self.ring.link_breaks() > self.seen_breaks
+                        && broke_at.get_or_insert_with(Instant::now).elapsed() >= LINK_GRACE
+                    {
                         break Ok(Err(LINK_BROKE.to_string()));
                     }
                 }

@@ -65,6 +65,9 @@ struct Inner {
     sleepers: Mutex<usize>,
     wake: Condvar,
     stop: AtomicBool,
+    /// Set by [`Pool::rest`]: idle workers park at once instead of spinning
+    /// and yielding; cleared by the next job.
+    rest: AtomicBool,
 }
 
 /// A pool of worker threads for fork-join loops.
@@ -91,6 +94,7 @@ impl Pool {
             sleepers: Mutex::new(0),
             wake: Condvar::new(),
             stop: AtomicBool::new(false),
+            rest: AtomicBool::new(false),
         });
         let workers = (1..threads.max(1))
             .map(|i| {
@@ -106,6 +110,14 @@ impl Pool {
             workers,
             caller: Mutex::new(()),
         }
+    }
+
+    /// Tells idle workers that no job comes soon (a ring device that sent
+    /// its window on waits for the other devices): they park now instead
+    /// of spinning and yielding for the next half-millisecond, leaving the
+    /// cores to whatever else runs. The next job wakes them as usual.
+    pub fn rest(&self) {
+        self.inner.rest.store(true, Ordering::Relaxed);
     }
 
     /// Threads that run a job, the caller included.
@@ -127,6 +139,7 @@ impl Pool {
             next: AtomicUsize::new(0),
         };
         let inner = &*self.inner;
+        inner.rest.store(false, Ordering::Relaxed);
         // Publish: pointer first, then open the job, then announce it.
         let ptr = &job as *const Job<'_> as *mut Job<'static>;
         inner.job.store(ptr, Ordering::Release);
@@ -193,9 +206,10 @@ fn worker(inner: &Inner) {
                 break;
             }
             let waited = start.elapsed();
-            if waited < SPIN {
+            let resting = inner.rest.load(Ordering::Relaxed);
+            if waited < SPIN && !resting {
                 std::hint::spin_loop();
-            } else if waited < SPIN + YIELD {
+            } else if waited < SPIN + YIELD && !resting {
                 std::thread::yield_now();
             } else {
                 let mut sleepers = inner.sleepers.lock().unwrap_or_else(|e| e.into_inner());
