@@ -711,6 +711,10 @@ async fn status(State(st): St) -> Result<Json<Value>, ApiError> {
             "prompt_tokens": s.prompt_tokens.load(Ordering::Relaxed),
             "completion_tokens": s.completion_tokens.load(Ordering::Relaxed),
             "failovers": s.failovers.load(Ordering::Relaxed),
+            // Speculative decoding on this device (as the one answering or
+            // heading the ring): drafts proposed and accepted.
+            "spec_drafted": s.spec_drafted.load(Ordering::Relaxed),
+            "spec_accepted": s.spec_accepted.load(Ordering::Relaxed),
         },
         "events": crate::events::recent(64),
     })))

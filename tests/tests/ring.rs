@@ -213,6 +213,14 @@ fn speculative_decoding_on_the_ring_keeps_the_greedy_answer() {
     let done = usage["completion_tokens"].as_u64().unwrap();
     let steps = n("passes") + n("accepted");
     assert!((done..=done + 1).contains(&steps), "{usage}");
+    // The head counts what its draft did.
+    let load = status(&ds[0])["load"].clone();
+    assert_eq!(load["spec_drafted"].as_u64(), Some(n("drafted")), "{load}");
+    assert_eq!(
+        load["spec_accepted"].as_u64(),
+        Some(n("accepted")),
+        "{load}"
+    );
     let (text, usage) = ask(Some(false));
     assert_eq!(text, want, "plain ring answer");
     assert!(usage["speculative"].is_null(), "{usage}");
