@@ -77,7 +77,7 @@ enum Command {
     Service(ServiceCmd),
     /// Lists the GPU adapters as JSON (the daemon runs this in a child
     /// process, so drivers load only where a GPU will be used).
-    #[command(hide = true, name = "gpu-probe")]
+    #[command(hide = true, name = primad::gpu::PROBE_COMMAND)]
     GpuProbe,
     /// Test aid: act as this (stopped) device and send malformed gossip.
     #[command(hide = true)]
@@ -142,14 +142,8 @@ impl DraftArgs {
             return Ok(None);
         };
         let d = Model::open(p).with_context(|| format!("loading the draft {}", p.display()))?;
-        if d.config.n_vocab != target.config.n_vocab {
-            bail!(
-                "the draft {} has a vocabulary of {} tokens, the model {}: they must share one",
-                p.display(),
-                d.config.n_vocab,
-                target.config.n_vocab
-            );
-        }
+        prima_kernels::speculative::ModelDraft::check(&d, target)
+            .map_err(|e| anyhow::anyhow!("the draft {} cannot be used: {e}", p.display()))?;
         Ok(Some(d))
     }
 

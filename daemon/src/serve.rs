@@ -471,13 +471,7 @@ fn draft_bytes(
             let weights: u64 = target
                 .tensors
                 .iter()
-                .filter(|t| {
-                    t.name
-                        .strip_prefix("blk.")
-                        .and_then(|r| r.split('.').next())
-                        .and_then(|i| i.parse::<usize>().ok())
-                        .is_some_and(|i| i < n)
-                })
+                .filter(|t| prima_kernels::model::names::layer_of(&t.name).is_some_and(|i| i < n))
                 .map(|t| t.size)
                 .sum();
             weights + kv(c, n)

@@ -623,16 +623,13 @@ fn load_draft(path: &std::path::Path, target: &Model) -> Result<Model, ApiError>
         ))
         .code("model_load_failed")
     })?;
-    if d.config.n_vocab != target.config.n_vocab {
-        return Err(ApiError::internal(format!(
-            "the speculative draft {} has a vocabulary of {} tokens and the model {}: \
-             a draft must share the model's vocabulary ([speculative] draft_model)",
-            path.display(),
-            d.config.n_vocab,
-            target.config.n_vocab
+    ModelDraft::check(&d, target).map_err(|e| {
+        ApiError::internal(format!(
+            "the speculative draft {} ([speculative] draft_model) cannot be used: {e}",
+            path.display()
         ))
-        .code("model_load_failed"));
-    }
+        .code("model_load_failed")
+    })?;
     Ok(d)
 }
 

@@ -191,6 +191,19 @@ pub struct ModelDraft<'m> {
 }
 
 impl<'m> ModelDraft<'m> {
+    /// Whether `draft` can draft for `target`: their token ids must mean
+    /// the same, so their vocabularies must be the same size.
+    pub fn check(draft: &Model, target: &Model) -> Result<(), String> {
+        if draft.config.n_vocab != target.config.n_vocab {
+            return Err(format!(
+                "it has a vocabulary of {} tokens and the model {}: a draft must share the \
+                 model's vocabulary",
+                draft.config.n_vocab, target.config.n_vocab
+            ));
+        }
+        Ok(())
+    }
+
     pub fn new(model: &'m Model, ctx: usize) -> Self {
         Self {
             session: Session::new(model, ctx),

@@ -854,8 +854,7 @@ impl RingSession<'_> {
     /// Evaluates `tokens` at the current position, once, with the logits
     /// of the last `rows`.
     fn try_eval(&mut self, tokens: &[u32], rows: usize) -> Result<Vec<f32>, String> {
-        let ub = self.ring.settings.ubatch.clamp(1, MAX_UBATCH);
-        let sizes = micro_batches(tokens.len(), ub, rows);
+        let sizes = micro_batches(tokens.len(), self.max_rows(), rows);
         let n = sizes.len();
         let start = self.pos;
         let mut at = 0;
@@ -1094,6 +1093,7 @@ impl Target for RingSession<'_> {
         self.ctx
     }
 
+    /// The micro-batch size: the last micro-batch holds every row.
     fn max_rows(&self) -> usize {
         self.ring.settings.ubatch.clamp(1, MAX_UBATCH)
     }
