@@ -87,11 +87,11 @@ pub fn parse_quant(q: &str) -> Result<GgmlType> {
 /// The file `write` would produce, without writing it.
 pub fn plan(shape: Shape, quant: GgmlType, tokenizer: &Gguf) -> Result<GgufWriter> {
     let s = shape;
-    if s.n_embd % s.n_head != 0 || s.n_head % s.n_head_kv != 0 {
+    if !s.n_embd.is_multiple_of(s.n_head) || !s.n_head.is_multiple_of(s.n_head_kv) {
         bail!("heads must divide d_model and kv heads must divide heads");
     }
     let blk = quant.block_size() as u64;
-    if s.n_embd % blk != 0 || s.n_ff % blk != 0 {
+    if !s.n_embd.is_multiple_of(blk) || !s.n_ff.is_multiple_of(blk) {
         bail!(
             "{} needs d_model and d_ff to be multiples of {blk}",
             quant.name()

@@ -137,7 +137,7 @@ impl Options {
     /// of L with k ≤ L/2 (so W ≥ 2; k = 1 when L = 1), capped by `max_k`.
     pub fn candidate_ks(&self, layers: u32) -> Result<Vec<u32>> {
         if let Some(k) = self.k {
-            if k == 0 || layers % k != 0 {
+            if k == 0 || !layers.is_multiple_of(k) {
                 return Err(HaldaError::BadK {
                     k,
                     layers,
@@ -164,7 +164,9 @@ impl Options {
             });
         }
         let top = (layers / 2).max(1);
-        Ok((1..=top.min(cap)).filter(|k| layers % k == 0).collect())
+        Ok((1..=top.min(cap))
+            .filter(|k| layers.is_multiple_of(*k))
+            .collect())
     }
 }
 

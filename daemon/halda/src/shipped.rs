@@ -196,7 +196,7 @@ fn halda_once(
     let mut notes = vec![format!("initial windows {w:?}, GPU layers {n:?}")];
     for iter in 1..=MAX_ITERATIONS {
         let wsum: u32 = w.iter().sum();
-        if wsum <= 1 || l % wsum != 0 {
+        if wsum <= 1 || !l.is_multiple_of(wsum) {
             return Err(HaldaError::Infeasible {
                 mode: "shipped",
                 detail: format!("window sum W = {wsum} does not divide L = {l} (or is <= 1)"),

@@ -228,7 +228,7 @@ mod tests {
         let mut out = vec![];
         let mut t = from;
         while t < to {
-            if t % 200 == 0 && up(t) {
+            if t.is_multiple_of(200) && up(t) {
                 for p in peers {
                     out.extend(m.on_event(t0 + ms(t), Event::Heard(p.to_string())));
                 }

@@ -482,7 +482,7 @@ fn tensor_size(name: &str, dims: &[u64], ty: GgmlType) -> Result<u64> {
         .filter(|&n| n <= i64::MAX as u64)
         .ok_or_else(|| bad(format!("dimensions {dims:?} overflow")))?;
     let bs = ty.block_size() as u64;
-    if dims[0] % bs != 0 {
+    if !dims[0].is_multiple_of(bs) {
         return Err(bad(format!(
             "row length {} is not a multiple of the {} block size {bs}",
             dims[0],
