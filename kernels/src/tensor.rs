@@ -137,11 +137,29 @@ impl Weight {
         // Compute transposed ([row][token]) so that tasks own contiguous
         // output, then transpose back.
         let mut tmp = vec![0f32; n * self.rows];
+        // Weight rows go in pairs, tokens in fours, where there is a tile
+        // kernel for the format; the rest row by row.
         for_each_chunk_mut(pool, &mut tmp, chunk * n, |c, o| {
-            for (i, orow) in o.chunks_exact_mut(n).enumerate() {
-                let w = self.row(c * chunk + i);
-                for (g, group) in orow.chunks_mut(4).enumerate() {
-                    crate::cpu::vec_dot_rows(self.ty, w, acts, 4 * g, group);
+            for (p, pair) in o.chunks_mut(2 * n).enumerate() {
+                let r0 = c * chunk + 2 * p;
+                let mut done = 0;
+                if pair.len() == 2 * n {
+                    let w = [self.row(r0), self.row(r0 + 1)];
+                    let (a, b) = pair.split_at_mut(n);
+                    while done + 4 <= n {
+                        let Some(t) = crate::cpu::dot_tile(self.ty, w, acts, done) else {
+                            break;
+                        };
+                        a[done..done + 4].copy_from_slice(&t[0]);
+                        b[done..done + 4].copy_from_slice(&t[1]);
+                        done += 4;
+                    }
+                }
+                for (i, orow) in pair.chunks_exact_mut(n).enumerate() {
+                    let w = self.row(r0 + i);
+                    for (g, group) in orow[done..].chunks_mut(4).enumerate() {
+                        crate::cpu::vec_dot_rows(self.ty, w, acts, done + 4 * g, group);
+                    }
                 }
             }
         });

@@ -17,6 +17,8 @@ use crate::quant::{self, ActRows, GgmlType};
 
 #[cfg(target_arch = "x86_64")]
 mod x86_64;
+#[cfg(target_arch = "x86_64")]
+mod x86_64_tile;
 
 pub mod pool;
 
@@ -111,6 +113,10 @@ pub fn simd_enabled() -> bool {
 /// A short description of the kernels in use, for logs and benchmarks.
 pub fn describe() -> &'static str {
     if simd_enabled() {
+        #[cfg(target_arch = "x86_64")]
+        if x86_64_tile::vnni() {
+            return "x86-64 AVX2+FMA, AVX-512 VNNI tiles";
+        }
         "x86-64 AVX2+FMA"
     } else {
         "portable scalar"
@@ -166,6 +172,20 @@ pub fn vec_dot_rows(ty: GgmlType, w: &[u8], acts: &ActRows, t0: usize, out: &mut
     for (k, o) in out.iter_mut().enumerate() {
         *o = vec_dot(ty, w, acts, t0 + k);
     }
+}
+
+/// Dot products of two weight rows with activation rows `t0..t0 + 4`
+/// (`out[weight row][token]`), bit-identical to [`vec_dot`] on each pair;
+/// `None` where there is no such tile for these formats (the caller then
+/// goes row by row).
+#[inline]
+pub fn dot_tile(ty: GgmlType, w: [&[u8]; 2], acts: &ActRows, t0: usize) -> Option<[[f32; 4]; 2]> {
+    #[cfg(target_arch = "x86_64")]
+    if simd_enabled() {
+        return x86_64_tile::tile(ty, w, acts, t0);
+    }
+    let _ = (ty, w, acts, t0);
+    None
 }
 
 /// Softmax of an attention row starting at cache cell `first`, rounded as

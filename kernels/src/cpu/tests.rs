@@ -89,6 +89,56 @@ fn four_row_kernels_match_the_scalar_reference() {
 }
 
 #[test]
+fn tiles_are_bit_identical_to_the_one_row_kernels() {
+    if !avx2_available() {
+        eprintln!("skipped: this CPU has no AVX2+FMA, so there is no SIMD kernel to check");
+        return;
+    }
+    let builds: &[bool] = if x86_64_tile::vnni() {
+        &[false, true]
+    } else {
+        eprintln!("this CPU has no AVX-512 VNNI: only the AVX2 tiles are checked");
+        &[false]
+    };
+    let mut rng = Rng(0x7e57_0f71);
+    for ty in [
+        GgmlType::Q8_0,
+        GgmlType::Q4_0,
+        GgmlType::Q5_0,
+        GgmlType::Q4_1,
+        GgmlType::Q4_K,
+        GgmlType::Q6_K,
+    ] {
+        for n in [256usize, 1536] {
+            let words: Vec<Vec<u32>> = (0..2).map(|_| random_weight(ty, n, &mut rng)).collect();
+            let w: [&[u8]; 2] = std::array::from_fn(|r| {
+                &bytemuck::cast_slice::<u32, u8>(&words[r])[..ty.row_bytes(n)]
+            });
+            let x: Vec<f32> = (0..7 * n).map(|_| rng.f32() * 4.0 - 1.0).collect();
+            let acts = ActRows::quantize(ty.vec_dot_type(), &x, 7, n);
+            set_simd(true);
+            for &vnni in builds {
+                for t0 in [0, 3] {
+                    let got = x86_64_tile::tile_with(vnni, ty, w, &acts, t0)
+                        .unwrap_or_else(|| panic!("{ty}: no tile"));
+                    for (r, row) in got.iter().enumerate() {
+                        for (t, g) in row.iter().enumerate() {
+                            let want = vec_dot(ty, w[r], &acts, t0 + t);
+                            assert_eq!(
+                                g.to_bits(),
+                                want.to_bits(),
+                                "{ty} n={n} vnni={vnni} weight row {r} token {}: {g} vs {want}",
+                                t0 + t,
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
 fn softmax_row_is_the_same_with_and_without_fma() {
     if !avx2_available() {
         return; // nothing to compare against: the portable path is the only one

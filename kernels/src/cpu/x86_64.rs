@@ -12,13 +12,13 @@ use crate::quant::blocks::*;
 /// f16 to f32 with the F16C instruction (no run-time dispatch per call).
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-fn h(v: half::f16) -> f32 {
+pub(super) fn h(v: half::f16) -> f32 {
     _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(v.to_bits() as i32)))
 }
 
 /// Sum of the eight f32 lanes.
 #[target_feature(enable = "avx2,fma,f16c")]
-fn hsum_ps(v: __m256) -> f32 {
+pub(super) fn hsum_ps(v: __m256) -> f32 {
     let lo = _mm256_castps256_ps128(v);
     let hi = _mm256_extractf128_ps(v, 1);
     let s = _mm_add_ps(lo, hi);
@@ -29,7 +29,7 @@ fn hsum_ps(v: __m256) -> f32 {
 
 /// Sum of the eight i32 lanes.
 #[target_feature(enable = "avx2,fma,f16c")]
-fn hsum_epi32(v: __m256i) -> i32 {
+pub(super) fn hsum_epi32(v: __m256i) -> i32 {
     let lo = _mm256_castsi256_si128(v);
     let hi = _mm256_extracti128_si256(v, 1);
     let s = _mm_add_epi32(lo, hi);
@@ -40,7 +40,7 @@ fn hsum_epi32(v: __m256i) -> i32 {
 
 /// 16 bytes of packed nibbles to 32 bytes: low nibbles first, then high.
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn nibbles(p: *const u8) -> __m256i {
+pub(super) unsafe fn nibbles(p: *const u8) -> __m256i {
     // SAFETY: callers pass a pointer to 16 readable bytes.
     let tmp = unsafe { _mm_loadu_si128(p as *const __m128i) };
     let both = _mm256_set_m128i(_mm_srli_epi16(tmp, 4), tmp);
@@ -50,7 +50,7 @@ unsafe fn nibbles(p: *const u8) -> __m256i {
 /// Pairwise products of unsigned bytes `a` and signed bytes `b`, summed to
 /// eight i32 lanes.
 #[target_feature(enable = "avx2,fma,f16c")]
-fn dot_u8_i8(a: __m256i, b: __m256i) -> __m256i {
+pub(super) fn dot_u8_i8(a: __m256i, b: __m256i) -> __m256i {
     _mm256_madd_epi16(_mm256_maddubs_epi16(a, b), _mm256_set1_epi16(1))
 }
 
@@ -63,7 +63,7 @@ fn dot_i8_i8(a: __m256i, b: __m256i) -> __m256i {
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn load(p: &[i8; 32]) -> __m256i {
+pub(super) unsafe fn load(p: &[i8; 32]) -> __m256i {
     // SAFETY: the array is 32 readable bytes.
     unsafe { _mm256_loadu_si256(p.as_ptr() as *const __m256i) }
 }
@@ -131,7 +131,7 @@ fn q4_1_q8_1(w: &[BlockQ4_1], a: &[BlockQ8_1]) -> f32 {
 /// The 32 fifth bits of a Q5 block as bytes 0x00 (bit set) or 0xF0 (clear),
 /// so that OR-ing them into the nibbles gives `q - 16` as signed bytes.
 #[target_feature(enable = "avx2,fma,f16c")]
-fn q5_high(qh: [u8; 4]) -> __m256i {
+pub(super) fn q5_high(qh: [u8; 4]) -> __m256i {
     let bits = u32::from_le_bytes(qh) as i32;
     // Spread byte k of the mask to lanes 8k..8k+7, then test bit (i % 8).
     let shuffle = _mm256_set_epi64x(

@@ -226,6 +226,42 @@ pub struct ActRows {
     pub data: QuantActs,
     pub rows: usize,
     pub cols: usize,
+    /// For batches of Q8_0/Q8_1 rows: each block's scale (and, for Q8_1,
+    /// its sum) as f32, block-major (`[block][row]`), so a kernel working
+    /// on several rows reads one block's scales with one load instead of
+    /// converting an f16 per row and block. Empty for single rows.
+    pub(crate) block_scales: BlockScales,
+}
+
+/// See [`ActRows::block_scales`].
+#[derive(Debug, Clone, Default)]
+pub(crate) struct BlockScales {
+    pub d: Vec<f32>,
+    pub s: Vec<f32>,
+}
+
+impl BlockScales {
+    fn of<B: Copy>(
+        blocks: &[B],
+        rows: usize,
+        d: impl Fn(&B) -> f32,
+        s: impl Fn(&B) -> f32,
+    ) -> Self {
+        if rows < 2 {
+            return Self::default();
+        }
+        let per_row = blocks.len() / rows;
+        let mut out = Self {
+            d: vec![0.0; blocks.len()],
+            s: vec![0.0; blocks.len()],
+        };
+        for (k, b) in blocks.iter().enumerate() {
+            let (row, block) = (k / per_row, k % per_row);
+            out.d[block * rows + row] = d(b);
+            out.s[block * rows + row] = s(b);
+        }
+        out
+    }
 }
 
 impl ActRows {
@@ -252,7 +288,17 @@ impl ActRows {
                 QuantActs::Q8_K(out)
             }
         };
-        Self { data, rows, cols }
+        let block_scales = match &data {
+            QuantActs::Q8_0(b) => BlockScales::of(b, rows, |b| b.d.to_f32(), |_| 0.0),
+            QuantActs::Q8_1(b) => BlockScales::of(b, rows, |b| b.d.to_f32(), |b| b.s.to_f32()),
+            _ => BlockScales::default(),
+        };
+        Self {
+            data,
+            rows,
+            cols,
+            block_scales,
+        }
     }
 
     pub fn act_type(&self) -> ActType {
@@ -289,7 +335,7 @@ pub enum QuantError {
 /// Checks that `bytes` can be viewed as blocks of `ty`.
 pub fn check_blocks(ty: GgmlType, bytes: &[u8]) -> Result<(), QuantError> {
     let size = ty.type_size();
-    if bytes.len() % size != 0 {
+    if !bytes.len().is_multiple_of(size) {
         return Err(QuantError::Ragged {
             ty,
             len: bytes.len(),
@@ -297,7 +343,7 @@ pub fn check_blocks(ty: GgmlType, bytes: &[u8]) -> Result<(), QuantError> {
         });
     }
     let addr = bytes.as_ptr() as usize;
-    if addr % ty.block_align() != 0 {
+    if !addr.is_multiple_of(ty.block_align()) {
         return Err(QuantError::Misaligned {
             ty,
             addr,

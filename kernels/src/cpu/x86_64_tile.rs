@@ -1,0 +1,416 @@
+//! Prefill tiles for x86-64: two weight rows against four activation rows
+//! per call. Each weight block is unpacked once for four tokens and each
+//! activation block loaded once for two weight rows; activation scales come
+//! as f32 from [`crate::quant::ActRows`]'s block-major copy instead of an
+//! f16 conversion per row and block.
+//!
+//! Every (weight row, token) pair still sums its blocks in the one-row
+//! kernels' order (ggml's) with the same float operations, so a tile's
+//! results are bit-identical to [`super::x86_64`]'s; only integer sums,
+//! which are exact in any order, are regrouped. `cpu::tests` asserts that.
+//!
+//! Each kernel is built twice: for AVX2 (`maddubs` + `madd`) and for
+//! AVX-512 VNNI with VL (`vpdpbusd` in one instruction, and 32 vector
+//! registers, so a tile's accumulators need not spill).
+
+use std::arch::x86_64::*;
+
+use super::x86_64::{dot_u8_i8, h, hsum_ps, load, nibbles, q5_high};
+use crate::quant::blocks::*;
+
+/// Pairwise u8 x i8 products summed to eight i32 lanes in one instruction.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
+fn dot_u8_i8_vnni(a: __m256i, b: __m256i) -> __m256i {
+    _mm256_dpbusd_epi32(_mm256_setzero_si256(), a, b)
+}
+
+// Weight blocks of the signed formats as 32 signed bytes.
+
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn unpack_q8_0(x: &BlockQ8_0) -> __m256i {
+    // SAFETY: the block holds 32 bytes of quants.
+    unsafe { load(&x.qs) }
+}
+
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn unpack_q4_0(x: &BlockQ4_0) -> __m256i {
+    // SAFETY: qs is 16 bytes.
+    _mm256_sub_epi8(unsafe { nibbles(x.qs.as_ptr()) }, _mm256_set1_epi8(8))
+}
+
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn unpack_q5_0(x: &BlockQ5_0) -> __m256i {
+    // SAFETY: qs is 16 bytes.
+    _mm256_or_si256(unsafe { nibbles(x.qs.as_ptr()) }, q5_high(x.qh))
+}
+
+/// Four vectors of eight i32 lanes to the four lane sums, in order.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn hsum4_epi32(v: [__m256i; 4]) -> __m128i {
+    let a = _mm256_hadd_epi32(v[0], v[1]);
+    let b = _mm256_hadd_epi32(v[2], v[3]);
+    let s = _mm256_hadd_epi32(a, b);
+    _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1))
+}
+
+/// The four f32 lanes as an array.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn lanes(v: __m128) -> [f32; 4] {
+    let mut out = [0f32; 4];
+    // SAFETY: `out` is four writable floats.
+    unsafe { _mm_storeu_ps(out.as_mut_ptr(), v) };
+    out
+}
+
+/// Q4_K's eight 6-bit scales as i16 and its mins duplicated pairwise
+/// (`m0 m0 m1 m1 ...`), to meet the sixteen i16 block sums of Q8_K.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn q4_k_scales(x: &BlockQ4K) -> ([i16; 8], __m256i) {
+    let mut sc = [0i16; 8];
+    let mut mins = [0i16; 16];
+    for j in 0..8 {
+        let (s, m) = crate::quant::generic::scale_min_k4(j, &x.scales);
+        sc[j] = s as i16;
+        mins[2 * j] = m as i16;
+        mins[2 * j + 1] = m as i16;
+    }
+    // SAFETY: `mins` is 32 readable bytes.
+    (sc, unsafe {
+        _mm256_loadu_si256(mins.as_ptr() as *const __m256i)
+    })
+}
+
+/// Q6_K's sixteen quarter-sized 6-bit values of one half-block quarter.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn q6_k_quarters(ql0: __m256i, ql1: __m256i, qh: __m256i) -> [__m256i; 4] {
+    let m4 = _mm256_set1_epi8(0x0f);
+    let m3 = _mm256_set1_epi8(0x03);
+    [
+        _mm256_or_si256(
+            _mm256_and_si256(ql0, m4),
+            _mm256_slli_epi16(_mm256_and_si256(qh, m3), 4),
+        ),
+        _mm256_or_si256(
+            _mm256_and_si256(ql1, m4),
+            _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 2), m3), 4),
+        ),
+        _mm256_or_si256(
+            _mm256_and_si256(_mm256_srli_epi16(ql0, 4), m4),
+            _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 4), m3), 4),
+        ),
+        _mm256_or_si256(
+            _mm256_and_si256(_mm256_srli_epi16(ql1, 4), m4),
+            _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 6), m3), 4),
+        ),
+    ]
+}
+
+macro_rules! tiles {
+    ($m:ident, $feat:literal, $dot:ident) => {
+        pub(super) mod $m {
+            use super::*;
+            tiles!(@signed $feat, $dot, q8_0, BlockQ8_0, unpack_q8_0);
+            tiles!(@signed $feat, $dot, q4_0, BlockQ4_0, unpack_q4_0);
+            tiles!(@signed $feat, $dot, q5_0, BlockQ5_0, unpack_q5_0);
+            tiles!(@q4_1 $feat, $dot);
+            tiles!(@k $feat);
+        }
+    };
+
+    // Signed quants with one f16 scale a block, against Q8_0.
+    (@signed $feat:literal, $dot:ident, $name:ident, $b:ty, $unpack:ident) => {
+        #[target_feature(enable = $feat)]
+        pub(crate) fn $name(
+            w: [&[$b]; 2],
+            a: [&[BlockQ8_0]; 4],
+            d: &[f32],
+            t0: usize,
+        ) -> [[f32; 4]; 2] {
+            let nb = w[0].len();
+            let rows = d.len() / nb;
+            let mut acc = [[_mm256_setzero_ps(); 4]; 2];
+            for i in 0..nb {
+                let yd = &d[i * rows + t0..][..4];
+                // SAFETY: Q8_0 blocks hold 32 bytes of quants.
+                let qy = unsafe {
+                    [load(&a[0][i].qs), load(&a[1][i].qs), load(&a[2][i].qs), load(&a[3][i].qs)]
+                };
+                for r in 0..2 {
+                    let x = &w[r][i];
+                    // SAFETY: the block is whole.
+                    let qx = unsafe { $unpack(x) };
+                    let ax = _mm256_sign_epi8(qx, qx);
+                    let xd = h(x.d);
+                    for t in 0..4 {
+                        let p = $dot(ax, _mm256_sign_epi8(qy[t], qx));
+                        let s = _mm256_set1_ps(xd * yd[t]);
+                        acc[r][t] = _mm256_fmadd_ps(s, _mm256_cvtepi32_ps(p), acc[r][t]);
+                    }
+                }
+            }
+            let mut out = [[0f32; 4]; 2];
+            for r in 0..2 {
+                for t in 0..4 {
+                    out[r][t] = hsum_ps(acc[r][t]);
+                }
+            }
+            out
+        }
+    };
+
+    // Q4_1 against Q8_1: the minimum times the activation block's sum is
+    // summed apart, four tokens in the lanes of one register.
+    (@q4_1 $feat:literal, $dot:ident) => {
+        #[target_feature(enable = $feat)]
+        pub(crate) fn q4_1(
+            w: [&[BlockQ4_1]; 2],
+            a: [&[BlockQ8_1]; 4],
+            d: &[f32],
+            s: &[f32],
+            t0: usize,
+        ) -> [[f32; 4]; 2] {
+            let nb = w[0].len();
+            let rows = d.len() / nb;
+            let mut acc = [[_mm256_setzero_ps(); 4]; 2];
+            let mut summs = [_mm_setzero_ps(); 2];
+            for i in 0..nb {
+                let yd = &d[i * rows + t0..][..4];
+                // SAFETY: four readable floats.
+                let ys = unsafe { _mm_loadu_ps(s[i * rows + t0..][..4].as_ptr()) };
+                // SAFETY: Q8_1 blocks hold 32 bytes of quants.
+                let qy = unsafe {
+                    [load(&a[0][i].qs), load(&a[1][i].qs), load(&a[2][i].qs), load(&a[3][i].qs)]
+                };
+                for r in 0..2 {
+                    let x = &w[r][i];
+                    summs[r] = _mm_add_ps(summs[r], _mm_mul_ps(_mm_set1_ps(h(x.m)), ys));
+                    // SAFETY: qs is 16 bytes.
+                    let qx = unsafe { nibbles(x.qs.as_ptr()) };
+                    let xd = h(x.d);
+                    for t in 0..4 {
+                        let p = $dot(qx, qy[t]);
+                        let sc = _mm256_set1_ps(xd * yd[t]);
+                        acc[r][t] = _mm256_fmadd_ps(sc, _mm256_cvtepi32_ps(p), acc[r][t]);
+                    }
+                }
+            }
+            let mut out = [[0f32; 4]; 2];
+            for r in 0..2 {
+                let m = lanes(summs[r]);
+                for t in 0..4 {
+                    out[r][t] = hsum_ps(acc[r][t]) + m[t];
+                }
+            }
+            out
+        }
+    };
+
+    // The K-quants against Q8_K: integer sums per block, then the block's
+    // float update for four tokens in the lanes of one register.
+    (@k $feat:literal) => {
+        #[target_feature(enable = $feat)]
+        pub(crate) fn q4_k(w: [&[BlockQ4K]; 2], a: [&[BlockQ8K]; 4]) -> [[f32; 4]; 2] {
+            let mut sumf = [_mm_setzero_ps(); 2];
+            let m4 = _mm256_set1_epi8(0x0f);
+            for i in 0..w[0].len() {
+                let y = [&a[0][i], &a[1][i], &a[2][i], &a[3][i]];
+                let yd = _mm_setr_ps(y[0].d, y[1].d, y[2].d, y[3].d);
+                // SAFETY: bsums is 32 readable bytes.
+                let bsums = unsafe {
+                    [
+                        _mm256_loadu_si256(y[0].bsums.as_ptr() as *const __m256i),
+                        _mm256_loadu_si256(y[1].bsums.as_ptr() as *const __m256i),
+                        _mm256_loadu_si256(y[2].bsums.as_ptr() as *const __m256i),
+                        _mm256_loadu_si256(y[3].bsums.as_ptr() as *const __m256i),
+                    ]
+                };
+                for r in 0..2 {
+                    let x = &w[r][i];
+                    let (sc, mins) = q4_k_scales(x);
+                    let mut acc = [_mm256_setzero_si256(); 4];
+                    for c in 0..4 {
+                        // SAFETY: 32 bytes of qs per 64 weights.
+                        let raw =
+                            unsafe { _mm256_loadu_si256(x.qs.as_ptr().add(32 * c) as *const __m256i) };
+                        let lo = _mm256_and_si256(raw, m4);
+                        let hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), m4);
+                        let (s0, s1) = (_mm256_set1_epi16(sc[2 * c]), _mm256_set1_epi16(sc[2 * c + 1]));
+                        for t in 0..4 {
+                            // SAFETY: 64 bytes of q8 per chunk.
+                            let (y0, y1) = unsafe {
+                                (
+                                    _mm256_loadu_si256(y[t].qs.as_ptr().add(64 * c) as *const __m256i),
+                                    _mm256_loadu_si256(
+                                        y[t].qs.as_ptr().add(64 * c + 32) as *const __m256i
+                                    ),
+                                )
+                            };
+                            let p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(lo, y0), s0);
+                            let p1 = _mm256_madd_epi16(_mm256_maddubs_epi16(hi, y1), s1);
+                            acc[t] = _mm256_add_epi32(acc[t], _mm256_add_epi32(p0, p1));
+                        }
+                    }
+                    let isum = _mm_cvtepi32_ps(hsum4_epi32(acc));
+                    let summ = _mm_cvtepi32_ps(hsum4_epi32([
+                        _mm256_madd_epi16(bsums[0], mins),
+                        _mm256_madd_epi16(bsums[1], mins),
+                        _mm256_madd_epi16(bsums[2], mins),
+                        _mm256_madd_epi16(bsums[3], mins),
+                    ]));
+                    // As the one-row kernel: d*yd*isum - dmin*yd*summ, each
+                    // product rounded in that order.
+                    let a = _mm_mul_ps(_mm_mul_ps(_mm_set1_ps(h(x.d)), yd), isum);
+                    let b = _mm_mul_ps(_mm_mul_ps(_mm_set1_ps(h(x.dmin)), yd), summ);
+                    sumf[r] = _mm_add_ps(sumf[r], _mm_sub_ps(a, b));
+                }
+            }
+            [lanes(sumf[0]), lanes(sumf[1])]
+        }
+
+        #[target_feature(enable = $feat)]
+        pub(crate) fn q6_k(w: [&[BlockQ6K]; 2], a: [&[BlockQ8K]; 4]) -> [[f32; 4]; 2] {
+            let mut sumf = [_mm_setzero_ps(); 2];
+            for i in 0..w[0].len() {
+                let y = [&a[0][i], &a[1][i], &a[2][i], &a[3][i]];
+                let yd = _mm_setr_ps(y[0].d, y[1].d, y[2].d, y[3].d);
+                // SAFETY: bsums is 32 readable bytes.
+                let bsums = unsafe {
+                    [
+                        _mm256_loadu_si256(y[0].bsums.as_ptr() as *const __m256i),
+                        _mm256_loadu_si256(y[1].bsums.as_ptr() as *const __m256i),
+                        _mm256_loadu_si256(y[2].bsums.as_ptr() as *const __m256i),
+                        _mm256_loadu_si256(y[3].bsums.as_ptr() as *const __m256i),
+                    ]
+                };
+                for r in 0..2 {
+                    let x = &w[r][i];
+                    let mut acc = [_mm256_setzero_si256(); 4];
+                    for n in 0..2 {
+                        // SAFETY: ql has 64 bytes and qh 32 per half.
+                        let quarters = unsafe {
+                            q6_k_quarters(
+                                _mm256_loadu_si256(x.ql.as_ptr().add(64 * n) as *const __m256i),
+                                _mm256_loadu_si256(x.ql.as_ptr().add(64 * n + 32) as *const __m256i),
+                                _mm256_loadu_si256(x.qh.as_ptr().add(32 * n) as *const __m256i),
+                            )
+                        };
+                        for (k, q) in quarters.into_iter().enumerate() {
+                            let s0 = x.scales[8 * n + 2 * k] as i16;
+                            let s1 = x.scales[8 * n + 2 * k + 1] as i16;
+                            let scale = _mm256_set_m128i(_mm_set1_epi16(s1), _mm_set1_epi16(s0));
+                            for t in 0..4 {
+                                // SAFETY: 128 bytes of q8 per half.
+                                let y8 = unsafe {
+                                    _mm256_loadu_si256(
+                                        y[t].qs.as_ptr().add(128 * n + 32 * k) as *const __m256i
+                                    )
+                                };
+                                let p = _mm256_madd_epi16(_mm256_maddubs_epi16(q, y8), scale);
+                                acc[t] = _mm256_add_epi32(acc[t], p);
+                            }
+                        }
+                    }
+                    // SAFETY: scales is 16 readable bytes.
+                    let sc = _mm256_cvtepi8_epi16(unsafe {
+                        _mm_loadu_si128(x.scales.as_ptr() as *const __m128i)
+                    });
+                    let bias = hsum4_epi32([
+                        _mm256_madd_epi16(bsums[0], sc),
+                        _mm256_madd_epi16(bsums[1], sc),
+                        _mm256_madd_epi16(bsums[2], sc),
+                        _mm256_madd_epi16(bsums[3], sc),
+                    ]);
+                    let isum = _mm_sub_epi32(hsum4_epi32(acc), _mm_slli_epi32(bias, 5));
+                    let dy = _mm_mul_ps(_mm_set1_ps(h(x.d)), yd);
+                    sumf[r] = _mm_add_ps(sumf[r], _mm_mul_ps(dy, _mm_cvtepi32_ps(isum)));
+                }
+            }
+            [lanes(sumf[0]), lanes(sumf[1])]
+        }
+    };
+}
+
+tiles!(avx2, "avx2,fma,f16c", dot_u8_i8);
+tiles!(vnni, "avx2,fma,f16c,avx512vnni,avx512vl", dot_u8_i8_vnni);
+
+/// Whether AVX-512 VNNI with VL is present.
+pub(super) fn vnni() -> bool {
+    static DETECTED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *DETECTED.get_or_init(|| {
+        is_x86_feature_detected!("avx512vnni") && is_x86_feature_detected!("avx512vl")
+    })
+}
+
+/// Weight rows `w` (two, of type `ty`) against activation rows
+/// `t0..t0 + 4`; `None` when there is no tile for this pair of formats.
+pub(crate) fn tile(
+    ty: crate::quant::GgmlType,
+    w: [&[u8]; 2],
+    acts: &crate::quant::ActRows,
+    t0: usize,
+) -> Option<[[f32; 4]; 2]> {
+    tile_with(vnni(), ty, w, acts, t0)
+}
+
+/// [`tile`] with the VNNI build chosen by the caller (`vnni` only where
+/// [`vnni()`] said so), so that tests check both builds on one machine.
+pub(crate) fn tile_with(
+    use_vnni: bool,
+    ty: crate::quant::GgmlType,
+    w: [&[u8]; 2],
+    acts: &crate::quant::ActRows,
+    t0: usize,
+) -> Option<[[f32; 4]; 2]> {
+    use crate::quant::{GgmlType as G, QuantActs as Q};
+    use bytemuck::cast_slice as c;
+    debug_assert!(super::avx2_available() && (!use_vnni || vnni()));
+    let n = acts.cols;
+    fn rows<T>(a: &[T], t0: usize, per: usize) -> [&[T]; 4] {
+        std::array::from_fn(|r| &a[(t0 + r) * per..(t0 + r + 1) * per])
+    }
+    let sc = &acts.block_scales;
+    macro_rules! pick {
+        ($f:ident ( $($arg:expr),* )) => {
+            // SAFETY: AVX2, FMA and F16C were checked by the dispatcher and
+            // VNNI with VL just now; the slices carry their own bounds.
+            unsafe {
+                if use_vnni {
+                    vnni::$f($($arg),*)
+                } else {
+                    avx2::$f($($arg),*)
+                }
+            }
+        };
+    }
+    Some(match (ty, &acts.data) {
+        (G::Q8_0, Q::Q8_0(a)) if !sc.d.is_empty() => {
+            pick!(q8_0([c(w[0]), c(w[1])], rows(a, t0, n / 32), &sc.d, t0))
+        }
+        (G::Q4_0, Q::Q8_0(a)) if !sc.d.is_empty() => {
+            pick!(q4_0([c(w[0]), c(w[1])], rows(a, t0, n / 32), &sc.d, t0))
+        }
+        (G::Q5_0, Q::Q8_0(a)) if !sc.d.is_empty() => {
+            pick!(q5_0([c(w[0]), c(w[1])], rows(a, t0, n / 32), &sc.d, t0))
+        }
+        (G::Q4_1, Q::Q8_1(a)) if !sc.d.is_empty() => {
+            pick!(q4_1(
+                [c(w[0]), c(w[1])],
+                rows(a, t0, n / 32),
+                &sc.d,
+                &sc.s,
+                t0
+            ))
+        }
+        (G::Q4_K, Q::Q8_K(a)) => pick!(q4_k([c(w[0]), c(w[1])], rows(a, t0, n / 256))),
+        (G::Q6_K, Q::Q8_K(a)) => pick!(q6_k([c(w[0]), c(w[1])], rows(a, t0, n / 256))),
+        _ => return None,
+    })
+}
