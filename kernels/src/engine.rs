@@ -14,6 +14,9 @@ pub struct Session<'m> {
     model: &'m Model,
     kv: KvCache,
     pos: usize,
+    /// Where the first batch (the prompt) ended: tokens from there on are
+    /// computed as decoded ones (see [`Hidden::decoded_from`]).
+    prompt_end: usize,
     /// Layers on the GPU and their cache (and, if uploaded, the embedding
     /// and output head there too).
     #[cfg(feature = "gpu")]
@@ -27,6 +30,7 @@ impl<'m> Session<'m> {
             model,
             kv,
             pos: 0,
+            prompt_end: 0,
             #[cfg(feature = "gpu")]
             gpu: None,
         }
@@ -50,6 +54,15 @@ impl<'m> Session<'m> {
         self.pos
     }
 
+    /// [`Hidden::decoded_from`] for a batch of `n` tokens at the current
+    /// position; a batch at position 0 is the prompt.
+    fn decoded_from(&mut self, n: usize) -> usize {
+        if self.pos == 0 {
+            self.prompt_end = n;
+        }
+        self.prompt_end
+    }
+
     /// Forgets the tokens after the first `pos` (a rejected speculative
     /// tail): the next batch is evaluated at `pos` and overwrites them in
     /// the cache, and attention never reads past its own position.
@@ -65,6 +78,7 @@ impl<'m> Session<'m> {
     /// listed in `logit_rows` (indices into `tokens`).
     pub fn eval(&mut self, tokens: &[u32], logit_rows: &[usize]) -> Result<Vec<f32>, ModelError> {
         let layers = self.model.loaded_layers();
+        let decoded_from = self.decoded_from(tokens.len());
         #[cfg(feature = "gpu")]
         if let Some((g, gkv)) = &mut self.gpu {
             let gpu_err = |e: crate::gpu::GpuError| match e {
@@ -77,6 +91,7 @@ impl<'m> Session<'m> {
             } else {
                 self.model.embed(tokens)?
             };
+            h.decoded_from = decoded_from;
             crate::gpu::forward_placed(
                 self.model,
                 Some((g, gkv)),
@@ -94,6 +109,7 @@ impl<'m> Session<'m> {
             };
         }
         let mut h: Hidden = self.model.embed(tokens)?;
+        h.decoded_from = decoded_from;
         self.model
             .forward_layers(layers, &mut h, &mut self.kv, self.pos)?;
         self.pos += tokens.len();
@@ -226,7 +242,12 @@ pub fn generate_with<E: Evaluator>(
     let mut history = prompt_ids.to_vec();
     history.extend_from_slice(&params.resume);
     let t0 = Instant::now();
-    let mut logits = session.eval_last(&history)?;
+    // The prompt alone first: a resumed answer's tokens were decoded one by
+    // one, and their second evaluation must compute them that way.
+    let mut logits = session.eval_last(prompt_ids)?;
+    if !params.resume.is_empty() {
+        logits = session.eval_last(&params.resume)?;
+    }
     let prefill_time = t0.elapsed();
     let t1 = Instant::now();
 

@@ -183,11 +183,17 @@ fn check_generation(model: &str) -> Vec<String> {
     report
 }
 
-/// Cases that contain no tie and so must match llama.cpp in full. The
-/// SIMD kernels sum in the order of llama.cpp's x86 kernels, which made the
-/// references; the portable scalar kernels sum in ggml's reference order,
-/// last-bit differences these models amplify, so with `PRIMA_SIMD=off` only
-/// the tie rule of [`check_generation`] applies.
+/// Cases that must match llama.cpp in full. With the SIMD kernels SmolLM2
+/// is computed bit for bit as llama.cpp's x86 build computes it (logits
+/// identical to the last bit, prompt batches and single tokens alike), so
+/// every case made by the llama.cpp built here (`golden:`) must match. The
+/// shared reference's "Once upon a time" is the exception the tie rule
+/// covers: the llama.cpp built here itself parts from that file at token
+/// 12 (`golden:here:` holds its answer). Gemma 3 is not yet bit-exact (its
+/// Q4_K and Q6_K matmuls sum in another order than llama.cpp's repacked
+/// kernels), so only its tie-free cases are listed. The portable scalar
+/// kernels sum in ggml's reference order, not its x86 order, so with
+/// `PRIMA_SIMD=off` only the tie rule of [`check_generation`] applies.
 fn assert_full(report: &[String], labels: &[&str]) {
     if !prima_kernels::cpu::simd_enabled() {
         eprintln!("scalar kernels: full-match cases checked by the tie rule only");
@@ -215,6 +221,11 @@ fn smollm2_greedy_generation_matches_llama_cpp() {
         &[
             "reference:The capital of France is",
             "reference:1, 2, 3, 4, 5,",
+            "golden:here:The capital of France is",
+            "golden:here:Once upon a time, there was a little",
+            "golden:here:1, 2, 3, 4, 5,",
+            "golden:long-prompt-128",
+            "golden:chat-poem",
         ],
     );
 }
@@ -226,7 +237,6 @@ fn gemma3_greedy_generation_matches_llama_cpp() {
     assert_full(
         &r,
         &[
-            "reference:The capital of France is",
             "reference:def fibonacci(n):",
             "reference:The quick brown fox",
             "golden:long-prompt-128",
@@ -284,25 +294,50 @@ fn file_layers(f: &Gguf) -> usize {
         .n_layer
 }
 
-/// Evaluating a prompt as one batch and token by token gives the same logits.
+/// Decoded tokens evaluated as one batch (a speculative verification, a
+/// resumed answer, a replay on a new ring) give exactly the logits of
+/// decoding them one at a time. A prompt batch sums attention in
+/// llama.cpp's batch order instead, so it may differ from token-by-token
+/// evaluation in the last bits, which quantising the activations can grow
+/// to the size llama.cpp's own batch and token-by-token logits differ by
+/// (0.94 at a position's worst token on average, for Gemma; see [`TIE`]),
+/// and no more: a modelling error would show as several logits.
 #[test]
 fn batched_and_sequential_evaluation_agree() {
-    let (m, _) = load(GEMMA);
-    let toks = [2u32, 818, 5279, 529, 7001, 563, 506, 5279];
-    let mut a = Session::new(&m, 64);
-    let rows: Vec<usize> = (0..toks.len()).collect();
-    let batch = a.eval(&toks, &rows).unwrap();
-    let mut b = Session::new(&m, 64);
-    let mut seq = Vec::new();
-    for &t in &toks {
-        seq.extend(b.eval_last(&[t]).unwrap());
+    for (model, toks) in [
+        (GEMMA, vec![2u32, 818, 5279, 529, 7001, 563, 506, 5279]),
+        (SMOL, vec![6403, 1980, 253, 655, 28, 665, 436, 253, 1838]),
+    ] {
+        let (m, _) = load(model);
+        let mut b = Session::new(&m, 64);
+        let mut seq = Vec::new();
+        for &t in &toks {
+            seq.extend(b.eval_last(&[t]).unwrap());
+        }
+        // The first token is the prompt; the rest are decoded ones.
+        let mut c = Session::new(&m, 64);
+        let mut decoded = c.eval_last(&toks[..1]).unwrap();
+        let rows: Vec<usize> = (0..toks.len() - 1).collect();
+        decoded.extend(c.eval(&toks[1..], &rows).unwrap());
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert!(
+            bits(&decoded) == bits(&seq),
+            "{model}: decoded batch differs from token by token"
+        );
+
+        let mut a = Session::new(&m, 64);
+        let rows: Vec<usize> = (0..toks.len()).collect();
+        let batch = a.eval(&toks, &rows).unwrap();
+        let max = batch
+            .iter()
+            .zip(&seq)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0f32, f32::max);
+        assert!(
+            max < 2.0,
+            "{model}: prompt batch vs token by token: max logit difference {max}"
+        );
     }
-    let max = batch
-        .iter()
-        .zip(&seq)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0f32, f32::max);
-    assert!(max < 1e-3, "max logit difference {max}");
 }
 
 #[test]

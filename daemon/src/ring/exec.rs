@@ -66,8 +66,9 @@ pub enum Input {
 }
 
 /// Where a batch belongs: its session, the plan layout the session runs
-/// on, its first position, the session's context, and for how many of its
-/// last tokens the head wants logits (0: none).
+/// on, its first position, the session's context, for how many of its
+/// last tokens the head wants logits (0: none), and where the session's
+/// decoded tokens begin (`prima_kernels::Hidden::decoded_from`).
 #[derive(Debug, Clone, Copy)]
 pub struct Batch {
     pub req: u64,
@@ -75,6 +76,7 @@ pub struct Batch {
     pub pos: usize,
     pub ctx: usize,
     pub rows: usize,
+    pub decoded_from: usize,
 }
 
 /// Why a session's batch was refused: the devices now run another layout.
@@ -437,6 +439,7 @@ fn prepare(
             data: vec![0.0; c.n_embd],
             n_tokens: 1,
             dim: c.n_embd,
+            decoded_from: 0,
         };
         p.run_layers(r, &mut h, &mut kv, 0)
             .map_err(|e| format!("warm-up of layers {:?}: {e}", p.ranges[r]))?;
@@ -526,7 +529,10 @@ impl Prepared {
         s: &Settings,
     ) {
         let h = match self.windows[0].embed(tokens) {
-            Ok(h) => h,
+            Ok(h) => Hidden {
+                decoded_from: b.decoded_from,
+                ..h
+            },
             Err(e) => return self.fail(b.req, e.to_string(), out),
         };
         let (rank, round) = self.plan.first_stage();
@@ -553,6 +559,7 @@ impl Prepared {
                     n_tokens: h.n_tokens as u32,
                     ctx: b.ctx as u32,
                     rows: b.rows as u32,
+                    decoded_from: b.decoded_from.min(u32::MAX as usize) as u32,
                 };
                 self.send(rank, Frame::act(header, &h.data), out);
                 // The other devices' windows come before this one's next:
@@ -677,6 +684,7 @@ impl Prepared {
                 n_tokens,
                 ctx,
                 rows,
+                decoded_from,
                 ..
             } => {
                 let ctx = ctx as usize;
@@ -696,6 +704,7 @@ impl Prepared {
                     data: frame.floats(),
                     n_tokens: n_tokens as usize,
                     dim: self.dim(),
+                    decoded_from: decoded_from as usize,
                 };
                 let b = Batch {
                     req,
@@ -703,6 +712,7 @@ impl Prepared {
                     pos: pos as usize,
                     ctx,
                     rows: rows as usize,
+                    decoded_from: decoded_from as usize,
                 };
                 // This frame is for my window of `round`: run it here.
                 self.route(b, self.rank, round, h, out, s);

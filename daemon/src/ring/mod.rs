@@ -707,6 +707,7 @@ impl Ring {
             ctx,
             plan,
             history: Vec::new(),
+            prompt_end: 0,
             replays: 0,
             failed_at: None,
             seen_breaks: self.link_breaks(),
@@ -794,6 +795,9 @@ pub struct RingSession<'r> {
     plan: RingPlan,
     /// Tokens evaluated so far (what a replay feeds again).
     history: Vec<u32>,
+    /// Where the first batch (the prompt) ended: later tokens are computed
+    /// as decoded ones, also when a replay feeds them again in one batch.
+    prompt_end: usize,
     replays: u32,
     /// When the current failure was first seen (cleared once a replay
     /// answers): the stall the event log reports.
@@ -866,6 +870,7 @@ impl RingSession<'_> {
                     pos: self.pos,
                     ctx: self.ctx,
                     rows: if i + 1 == n { rows } else { 0 },
+                    decoded_from: self.prompt_end,
                 },
                 tokens: tokens[at..at + len].to_vec(),
                 reply: self.tx.clone(),
@@ -943,14 +948,18 @@ impl RingSession<'_> {
 
 /// Sizes of the micro-batches (at most `ub` tokens each) that carry `len`
 /// tokens, the last one holding at least the `rows` tokens whose logits are
-/// wanted (the head computes logits only for its last micro-batch).
+/// wanted (the head computes logits only for its last micro-batch), and no
+/// micro-batch of one token where `ub` allows two: attention sums a lone
+/// token in another order than a batch (as llama.cpp does), so a prompt
+/// split this way gives exactly the logits of the whole prompt in one batch.
 fn micro_batches(len: usize, ub: usize, rows: usize) -> Vec<usize> {
     let n = len.div_ceil(ub).max(1);
     let mut sizes = vec![ub; n];
     sizes[n - 1] = len - (n - 1) * ub;
-    if sizes[n - 1] < rows && n > 1 {
-        let d = rows - sizes[n - 1];
-        sizes[n - 1] = rows;
+    let need = rows.max(2.min(ub));
+    if sizes[n - 1] < need && n > 1 {
+        let d = need - sizes[n - 1];
+        sizes[n - 1] = need;
         sizes[n - 2] -= d;
     }
     sizes
@@ -1000,6 +1009,9 @@ impl Target for RingSession<'_> {
             if p.epoch > self.plan.epoch && !p.same_layout(&self.plan) {
                 self.rebase(p)?;
             }
+        }
+        if self.history.is_empty() {
+            self.prompt_end = tokens.len();
         }
         loop {
             let mut feed = self.history[self.pos..].to_vec();
@@ -1502,11 +1514,17 @@ mod tests {
         assert_eq!(micro_batches(130, 64, 9), vec![64, 57, 9]);
         assert_eq!(micro_batches(64, 64, 9), vec![64]);
         assert_eq!(micro_batches(72, 64, 9), vec![63, 9]);
-        for (len, ub, rows) in [(1, 1, 1), (200, 7, 7), (33, 32, 32), (9, 4, 3)] {
+        // No lone token at the end of a prompt.
+        assert_eq!(micro_batches(129, 64, 1), vec![64, 63, 2]);
+        assert_eq!(micro_batches(1, 64, 1), vec![1]);
+        for (len, ub, rows) in [(1, 1, 1), (3, 1, 1), (200, 7, 7), (33, 32, 32), (9, 4, 3)] {
             let s = micro_batches(len, ub, rows);
             assert_eq!(s.iter().sum::<usize>(), len);
             assert!(s.iter().all(|&n| (1..=ub).contains(&n)), "{s:?}");
             assert!(*s.last().unwrap() >= rows, "{s:?}");
+            if rows == 1 && ub > 1 && len > 1 {
+                assert!(s.iter().all(|&n| n >= 2), "{s:?}");
+            }
         }
     }
 }

@@ -31,7 +31,9 @@ pub enum Header {
     /// through the receiver's window of `round`. `ctx` sizes a new
     /// session's cache; `rows` is how many of the batch's last tokens the
     /// head wants logits for (0 for all but a request's last micro-batch;
-    /// more than 1 when it verifies speculative drafts).
+    /// more than 1 when it verifies speculative drafts); tokens from
+    /// position `decoded_from` on are computed as decoded ones, not as
+    /// prompt (see `prima_kernels::Hidden::decoded_from`).
     Act {
         /// The plan layout the session runs on ([`super::plan::RingPlan::layout_id`]).
         layout: u64,
@@ -41,6 +43,7 @@ pub enum Header {
         n_tokens: u32,
         ctx: u32,
         rows: u32,
+        decoded_from: u32,
     },
     /// A cache command for session `req`; applied, then passed on.
     Kv { layout: u64, req: u64, op: KvOp },
@@ -231,6 +234,7 @@ mod tests {
             n_tokens: n,
             ctx: 64,
             rows: 1,
+            decoded_from: 5,
         }
     }
 

@@ -188,6 +188,33 @@ pub fn dot_tile(ty: GgmlType, w: [&[u8]; 2], acts: &ActRows, t0: usize) -> Optio
     None
 }
 
+/// One query head's attention over cache cells `cells`; see
+/// [`crate::model::ops::attend_body`].
+pub fn attend(
+    q: &[f32],
+    cache: crate::model::ops::HeadCache<'_>,
+    cells: std::ops::Range<usize>,
+    scale: f32,
+    batched: bool,
+    out: &mut [f32],
+) {
+    #[cfg(target_arch = "x86_64")]
+    if simd_enabled() {
+        return x86_64::attend(q, cache, cells, scale, batched, out);
+    }
+    crate::model::ops::attend_body(q, cache, cells, scale, batched, out)
+}
+
+/// `g = silu(g) * u` as llama.cpp rounds it; see
+/// [`crate::model::ops::swiglu_body`].
+pub fn swiglu(g: &mut [f32], u: &[f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if simd_enabled() {
+        return x86_64::swiglu(g, u);
+    }
+    crate::model::ops::swiglu_body(g, u)
+}
+
 /// Softmax of an attention row starting at cache cell `first`, rounded as
 /// llama.cpp's CPU backend rounds it (see
 /// [`crate::model::ops::softmax_row_body`]).

@@ -501,3 +501,44 @@ pub(crate) fn softmax_row(x: &mut [f32], first: usize) {
     // SAFETY: the dispatcher checked AVX2 and FMA at run time.
     unsafe { softmax_row_fma(x, first) }
 }
+
+// Attention compiled for AVX2: the same code as the portable build, which
+// the compiler vectorises eight lanes wide (the dot products keep eight
+// partial sums, so no operation changes; Rust never fuses a multiply and
+// an add on its own).
+
+#[target_feature(enable = "avx2,fma,f16c")]
+fn attend_avx2(
+    q: &[f32],
+    cache: crate::model::ops::HeadCache<'_>,
+    cells: std::ops::Range<usize>,
+    scale: f32,
+    batched: bool,
+    out: &mut [f32],
+) {
+    crate::model::ops::attend_body(q, cache, cells, scale, batched, out)
+}
+
+pub(crate) fn attend(
+    q: &[f32],
+    cache: crate::model::ops::HeadCache<'_>,
+    cells: std::ops::Range<usize>,
+    scale: f32,
+    batched: bool,
+    out: &mut [f32],
+) {
+    debug_assert!(super::avx2_available());
+    // SAFETY: the dispatcher checked AVX2, FMA and F16C at run time.
+    unsafe { attend_avx2(q, cache, cells, scale, batched, out) }
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+fn swiglu_fma(g: &mut [f32], u: &[f32]) {
+    crate::model::ops::swiglu_body(g, u)
+}
+
+pub(crate) fn swiglu(g: &mut [f32], u: &[f32]) {
+    debug_assert!(super::avx2_available());
+    // SAFETY: the dispatcher checked AVX2 and FMA at run time.
+    unsafe { swiglu_fma(g, u) }
+}

@@ -584,6 +584,7 @@ impl GpuLayers {
             data: gpu.read(&out, n * c.n_embd)?,
             n_tokens: n,
             dim: c.n_embd,
+            decoded_from: usize::MAX,
         })
     }
 

@@ -11,7 +11,7 @@ pub mod ops;
 
 use std::{ops::Range, path::Path, sync::Arc};
 
-use half::{f16, slice::HalfFloatSliceExt};
+use half::f16;
 
 pub use config::{Arch, Config, RopeKind};
 
@@ -69,6 +69,14 @@ pub struct Hidden {
     pub data: Vec<f32>,
     pub n_tokens: usize,
     pub dim: usize,
+    /// The first position whose token counts as decoded rather than as part
+    /// of the prompt: llama.cpp sums a prompt batch's attention in another
+    /// order than a token decoded on its own (see [`ops::attend_body`]),
+    /// and a token keeps its kind however it is batched later (verifying
+    /// speculative drafts, resuming an answer, replaying a session on a new
+    /// ring), so that those give plain decoding's logits bit for bit. A
+    /// batch of one token is always computed as decoded.
+    pub decoded_from: usize,
 }
 
 impl Hidden {
@@ -239,6 +247,7 @@ impl Model {
             data,
             n_tokens: tokens.len(),
             dim: d,
+            decoded_from: usize::MAX,
         })
     }
 
@@ -348,40 +357,28 @@ impl Model {
         let group = c.n_head / c.n_head_kv;
         let mut attn = vec![0f32; n * qd];
         let cache = &*cache;
+        let decoded_from = h.decoded_from;
         crate::cpu::pool::for_each_chunk_mut(crate::cpu::pool(), &mut attn, hd, |th, out| {
             let (t, head) = (th / c.n_head, th % c.n_head);
             let p = pos + t;
+            let batched = n > 1 && p < decoded_from;
             let kvh = head / group;
             let first = match window {
                 Some(w) => (p + 1).saturating_sub(w),
                 None => 0,
             };
-            // As ggml: the query is rounded to f16 to meet the f16 keys, and
-            // the probabilities to f16 to meet the f16 values. Rows are
-            // widened to f32 a slice at a time (F16C where available).
-            let mut qh = [0f32; MAX_HEAD_DIM];
-            let qh = &mut qh[..hd];
-            for (d, &x) in qh.iter_mut().zip(&q[t * qd + head * hd..][..hd]) {
-                *d = f16::from_f32(x).to_f32();
-            }
-            let mut row = [0f32; MAX_HEAD_DIM];
-            let row = &mut row[..hd];
-            let mut scores: Vec<f32> = (first..=p)
-                .map(|j| {
-                    cache.k[j * kvd + kvh * hd..][..hd].convert_to_f32_slice(row);
-                    let s = ops::dot(row, qh);
-                    s * scale
-                })
-                .collect();
-            crate::cpu::softmax_row(&mut scores, first);
-            out.fill(0.0);
-            for (j, &pj) in (first..=p).zip(&scores) {
-                let pj = f16::from_f32(pj).to_f32();
-                cache.v[j * kvd + kvh * hd..][..hd].convert_to_f32_slice(row);
-                for (o, vv) in out.iter_mut().zip(row.iter()) {
-                    *o += pj * vv;
-                }
-            }
+            crate::cpu::attend(
+                &q[t * qd + head * hd..][..hd],
+                ops::HeadCache {
+                    k: &cache.k[kvh * hd..],
+                    v: &cache.v[kvh * hd..],
+                    stride: kvd,
+                },
+                first..p + 1,
+                scale,
+                batched,
+                out,
+            );
         });
         let mut o = vec![0f32; n * d];
         l.wo.matmul(&attn, n, &mut o);
@@ -399,17 +396,22 @@ impl Model {
         matmul_shared(&mut [(&l.ffn_gate, &mut gate), (&l.ffn_up, &mut up)], &x, n);
         self.used(&l.ffn_gate);
         self.used(&l.ffn_up);
-        match c.arch {
-            Arch::Gemma3 => gate
+        let gated = |g: &mut [f32], u: &[f32]| match c.arch {
+            Arch::Gemma3 => g
                 .iter_mut()
-                .zip(&up)
+                .zip(u)
                 .for_each(|(g, u)| *g = ops::gelu(*g) * u),
-            // libm's expf here: ggml's vector expf (as in the softmax) made
-            // SmolLM2's greedy text part from llama.cpp's sooner, not later.
-            Arch::Llama | Arch::Qwen2 => gate
-                .iter_mut()
-                .zip(&up)
-                .for_each(|(g, u)| *g = ops::silu(*g) * u),
+            Arch::Llama | Arch::Qwen2 => crate::cpu::swiglu(g, u),
+        };
+        if n == 1 {
+            gated(&mut gate, &up);
+        } else {
+            // A prompt's tokens in parallel: n x n_ff activations are too
+            // many to leave to one thread.
+            let pool = crate::cpu::pool();
+            crate::cpu::pool::for_each_chunk_mut(pool, &mut gate, c.n_ff, |t, g| {
+                gated(g, &up[t * c.n_ff..(t + 1) * c.n_ff])
+            });
         }
         let mut o = vec![0f32; n * d];
         l.ffn_down.matmul(&gate, n, &mut o);

@@ -3,7 +3,7 @@
 
 use std::sync::OnceLock;
 
-use half::f16;
+use half::{f16, slice::HalfFloatSliceExt};
 
 use super::config::RopeKind;
 
@@ -55,24 +55,145 @@ impl Rope {
     pub fn apply(&self, x: &mut [f32], head_dim: usize, cs: &[(f32, f32)]) {
         for head in x.chunks_exact_mut(head_dim) {
             match self.kind {
+                // ggml's C rotation `x0*cos - x1*sin`, `x0*sin + x1*cos`
+                // as its compiler contracts it: the first product fused.
                 RopeKind::Normal => {
                     for (i, &(c, s)) in cs.iter().enumerate() {
                         let (a, b) = (head[2 * i], head[2 * i + 1]);
-                        head[2 * i] = a * c - b * s;
-                        head[2 * i + 1] = a * s + b * c;
+                        head[2 * i] = a.mul_add(c, -(b * s));
+                        head[2 * i + 1] = a.mul_add(s, b * c);
                     }
                 }
                 RopeKind::Neox => {
                     let half = self.n_dims / 2;
                     for (i, &(c, s)) in cs.iter().enumerate() {
                         let (a, b) = (head[i], head[i + half]);
-                        head[i] = a * c - b * s;
-                        head[i + half] = a * s + b * c;
+                        head[i] = a.mul_add(c, -(b * s));
+                        head[i + half] = a.mul_add(s, b * c);
                     }
                 }
             }
         }
     }
+}
+
+/// One KV head's cache: row `j` of the keys is `k[j * stride..][..head_dim]`,
+/// likewise the values.
+#[derive(Clone, Copy)]
+pub struct HeadCache<'a> {
+    pub k: &'a [f16],
+    pub v: &'a [f16],
+    pub stride: usize,
+}
+
+/// One query head's attention over the cache cells `cells` (causal and
+/// windowed masks are the caller's choice of cells), written to `out`.
+///
+/// Rounded as llama.cpp's CPU backend computes it. The query is rounded to
+/// f16 to meet the f16 keys and the probabilities to f16 to meet the f16
+/// values, so every product is exact in f32 and only the order of the sums
+/// matters. That order depends on the batch, as in llama.cpp: a batch of
+/// several tokens (`batched`) goes through its tiled matmul, one token
+/// through its f16 dot product (see [`dot16`] and [`dot_f16`]). For the
+/// scores the terms run over the head dimension; for the output over the
+/// cache cells, counted from cell 0 (cells outside `cells` add zeros).
+/// `inline(always)` so that a caller compiled for wider vectors
+/// (`cpu::attend`) vectorises it; the float operations and their order are
+/// the same in every build.
+#[inline(always)]
+pub fn attend_body(
+    q: &[f32],
+    cache: HeadCache<'_>,
+    cells: std::ops::Range<usize>,
+    scale: f32,
+    batched: bool,
+    out: &mut [f32],
+) {
+    const MAX: usize = super::MAX_HEAD_DIM;
+    let hd = q.len();
+    let mut qh = [0f32; MAX];
+    let qh = &mut qh[..hd];
+    for (d, &x) in qh.iter_mut().zip(q) {
+        *d = f16::from_f32(x).to_f32();
+    }
+    let mut row = [0f32; MAX];
+    let row = &mut row[..hd];
+    let first = cells.start;
+    // llama.cpp's tiled matmul takes only lengths in whole 16-lane steps.
+    let tiled_scores = batched && hd.is_multiple_of(16);
+    let mut scores: Vec<f32> = cells
+        .clone()
+        .map(|j| {
+            cache.k[j * cache.stride..][..hd].convert_to_f32_slice(row);
+            let s = if tiled_scores {
+                dot16(row, qh)
+            } else {
+                dot_f16(row, qh)
+            };
+            s * scale
+        })
+        .collect();
+    softmax_row_body(&mut scores, first);
+    // Running sums per output: `lanes[slot * hd + d]`, where the slot of a
+    // cell is its lane (tiled: cell % 16) or its register and lane (f16 dot:
+    // cell % 64, four registers of sixteen).
+    let slots = if batched { 16 } else { 64 };
+    let mut lanes = vec![0f32; slots * hd];
+    for (j, &pj) in cells.zip(&scores) {
+        let pj = f16::from_f32(pj).to_f32();
+        cache.v[j * cache.stride..][..hd].convert_to_f32_slice(row);
+        let lane = &mut lanes[(j % slots) * hd..][..hd];
+        for (a, vv) in lane.iter_mut().zip(row.iter()) {
+            *a += pj * vv;
+        }
+    }
+    for (d, o) in out.iter_mut().enumerate() {
+        let at = |slot: usize| lanes[slot * hd + d];
+        *o = if batched {
+            reduce16(&std::array::from_fn(at))
+        } else {
+            let x: [f32; 16] =
+                std::array::from_fn(|l| (at(l) + at(32 + l)) + (at(16 + l) + at(48 + l)));
+            reduce16(&x) as f64 as f32
+        };
+    }
+}
+
+/// Dot product summed as ggml's tiled matmul (llamafile's tinyBLAS, for
+/// batches) sums it: lane `i % 16` adds term `i` in turn, then the lanes
+/// go through [`reduce16`]. Lengths are whole multiples of 16.
+#[inline(always)]
+fn dot16(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 16];
+    for (x, y) in a.chunks_exact(16).zip(b.chunks_exact(16)) {
+        for ((s, x), y) in acc.iter_mut().zip(x).zip(y) {
+            *s += x * y;
+        }
+    }
+    reduce16(&acc)
+}
+
+/// Dot product summed as ggml's `ggml_vec_dot_f16` sums it on AVX-512
+/// (one token): steps of 64 terms into four 16-lane registers, registers
+/// 0+2 and 1+3 added, then those two, then [`reduce16`]; terms past the
+/// last whole step are added one by one in double.
+#[inline(always)]
+pub fn dot_f16(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [[0f32; 16]; 4];
+    let whole = a.len() / 64 * 64;
+    for (x, y) in a[..whole].chunks_exact(64).zip(b[..whole].chunks_exact(64)) {
+        for (r, reg) in acc.iter_mut().enumerate() {
+            for ((s, x), y) in reg.iter_mut().zip(&x[16 * r..]).zip(&y[16 * r..]) {
+                *s += x * y;
+            }
+        }
+    }
+    let x: [f32; 16] = std::array::from_fn(|l| (acc[0][l] + acc[2][l]) + (acc[1][l] + acc[3][l]));
+    let mut sum = reduce16(&x) as f64;
+    for (x, y) in a[whole..].iter().zip(&b[whole..]) {
+        sum += (x * y) as f64;
+    }
+    sum as f32
 }
 
 /// Dot product of two f32 slices with eight independent partial sums, so the
@@ -118,7 +239,10 @@ pub fn ggml_expf(x: f32) -> f32 {
         .mul_add(u, c(0x3e2a_af33).mul_add(b, c(0x3eff_fedb)))
         .mul_add(u, c(0x3f7f_fff6).mul_add(b, 1.0));
     // _mm512_scalef_ps: j * 2^n with one rounding (exact in f64 first).
-    (j as f64 * 2f64.powi(n as i32)) as f32
+    // 2^n is built from its exponent bits: |n| <= 192 here, well inside
+    // f64's normal range (and no call to a powi routine per value).
+    let two_n = f64::from_bits(((n as i64 + 1023) as u64) << 52);
+    (j as f64 * two_n) as f32
 }
 
 /// Softmax of one attention row whose first entry sits at cache cell
@@ -184,6 +308,22 @@ pub fn softmax(x: &mut [f32]) {
 #[inline]
 pub fn silu(x: f32) -> f32 {
     x / (1.0 + (-x).exp())
+}
+
+/// `g = silu(g) * u`, rounded as llama.cpp's x86 build computes it: whole
+/// 16-lane chunks through its vector expf (`x / (1 + expf(0 - x))`), the
+/// tail through libm. `inline(always)` so that `cpu::swiglu` can compile it
+/// with FMA; the results are the same in every build.
+#[inline(always)]
+pub fn swiglu_body(g: &mut [f32], u: &[f32]) {
+    let whole = g.len() / 16 * 16;
+    let (head, tail) = g.split_at_mut(whole);
+    for (g, u) in head.iter_mut().zip(u) {
+        *g = *g / (1.0 + ggml_expf(0.0 - *g)) * u;
+    }
+    for (g, u) in tail.iter_mut().zip(&u[whole..]) {
+        *g = silu(*g) * u;
+    }
 }
 
 const GELU_COEF_A: f32 = 0.044715;
