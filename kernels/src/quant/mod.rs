@@ -230,6 +230,7 @@ pub struct ActRows {
     /// its sum) as f32, block-major (`[block][row]`), so a kernel working
     /// on several rows reads one block's scales with one load instead of
     /// converting an f16 per row and block. Empty for single rows.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     pub(crate) block_scales: BlockScales,
 }
 
