@@ -949,14 +949,21 @@ impl RingSession<'_> {
 /// Sizes of the micro-batches (at most `ub` tokens each) that carry `len`
 /// tokens, the last one holding at least the `rows` tokens whose logits are
 /// wanted (the head computes logits only for its last micro-batch), and no
-/// micro-batch of one token where `ub` allows two: attention sums a lone
-/// token in another order than a batch (as llama.cpp does), so a prompt
-/// split this way gives exactly the logits of the whole prompt in one batch.
+/// micro-batch of one token where `ub` allows more: attention sums a lone
+/// token in another order than a batch (as llama.cpp does), and Q4_K
+/// groups a prompt's tokens in fours from its start, so a lone tail takes
+/// four more tokens, keeping the cut on a multiple of four (with `ub` a
+/// multiple of four). A prompt split this way gives exactly the logits of
+/// the whole prompt in one batch.
 fn micro_batches(len: usize, ub: usize, rows: usize) -> Vec<usize> {
     let n = len.div_ceil(ub).max(1);
     let mut sizes = vec![ub; n];
     sizes[n - 1] = len - (n - 1) * ub;
-    let need = rows.max(2.min(ub));
+    let need = if rows <= 1 && sizes[n - 1] == 1 && ub >= 5 {
+        5
+    } else {
+        rows.max(2.min(ub))
+    };
     if sizes[n - 1] < need && n > 1 {
         let d = need - sizes[n - 1];
         sizes[n - 1] = need;
@@ -1515,7 +1522,8 @@ mod tests {
         assert_eq!(micro_batches(64, 64, 9), vec![64]);
         assert_eq!(micro_batches(72, 64, 9), vec![63, 9]);
         // No lone token at the end of a prompt.
-        assert_eq!(micro_batches(129, 64, 1), vec![64, 63, 2]);
+        assert_eq!(micro_batches(129, 64, 1), vec![64, 60, 5]);
+        assert_eq!(micro_batches(9, 4, 1), vec![4, 3, 2]);
         assert_eq!(micro_batches(1, 64, 1), vec![1]);
         for (len, ub, rows) in [(1, 1, 1), (3, 1, 1), (200, 7, 7), (33, 32, 32), (9, 4, 3)] {
             let s = micro_batches(len, ub, rows);

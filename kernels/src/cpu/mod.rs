@@ -146,7 +146,8 @@ pub fn vec_dot(ty: GgmlType, w: &[u8], acts: &ActRows, row: usize) -> f32 {
                 return x86_64::dot_q4_1_q8_1(c(w), blocks_of(a, row, n, QK8_0));
             }
             (GgmlType::Q4_K, QuantActs::Q8_K(a)) => {
-                return x86_64::dot_q4_k_q8_k(c(w), blocks_of(a, row, n, QK_K));
+                let grouped = row < acts.grouped;
+                return x86_64::dot_q4_k_q8_k(c(w), blocks_of(a, row, n, QK_K), grouped);
             }
             (GgmlType::Q6_K, QuantActs::Q8_K(a)) => {
                 return x86_64::dot_q6_k_q8_k(c(w), blocks_of(a, row, n, QK_K));
@@ -213,6 +214,34 @@ pub fn swiglu(g: &mut [f32], u: &[f32]) {
         return x86_64::swiglu(g, u);
     }
     crate::model::ops::swiglu_body(g, u)
+}
+
+/// Adds one Q4_K block's terms to a row's running sums (`acc - accm` is
+/// the dot product) as llama.cpp's x86 build does: it repacks Q4_K
+/// weights, and its 4-row gemm (`grouped`: the leading rows of a prompt
+/// batch, in fours) adds each 64-value chunk's scaled dot `isb` and minimum
+/// term `imin` with their own fused multiply-adds, while its gemv (other
+/// rows, and single tokens) adds the block's totals. `d = d(x) * d(y)`,
+/// `m = dmin(x) * d(y)`.
+#[inline(always)]
+pub(crate) fn q4_k_accumulate(
+    acc: &mut f32,
+    accm: &mut f32,
+    isb: [i32; 4],
+    imin: [i32; 4],
+    d: f32,
+    m: f32,
+    grouped: bool,
+) {
+    if grouped {
+        for (s, n) in isb.into_iter().zip(imin) {
+            *acc = (s as f32).mul_add(d, *acc);
+            *accm = (n as f32).mul_add(m, *accm);
+        }
+    } else {
+        *acc = (isb.iter().sum::<i32>() as f32).mul_add(d, *acc);
+        *accm = (imin.iter().sum::<i32>() as f32).mul_add(m, *accm);
+    }
 }
 
 /// Softmax of an attention row starting at cache cell `first`, rounded as

@@ -160,95 +160,189 @@ fn q5_0_q8_0(w: &[BlockQ5_0], a: &[BlockQ8_0]) -> f32 {
     hsum_ps(acc)
 }
 
+/// A Q4_K block's scales (as i16) and mins.
+#[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-fn q4_k_q8_k(w: &[BlockQ4K], a: &[BlockQ8K]) -> f32 {
-    let mut sumf = 0f32;
-    for (x, y) in w.iter().zip(a) {
-        let mut sc = [0i16; 8];
-        let mut summ = 0i32;
-        for (j, s) in sc.iter_mut().enumerate() {
-            let (scale, min) = crate::quant::generic::scale_min_k4(j, &x.scales);
-            *s = scale as i16;
-            summ += min as i32 * (y.bsums[2 * j] as i32 + y.bsums[2 * j + 1] as i32);
-        }
-        let mut acc = _mm256_setzero_si256();
-        for c in 0..4 {
-            // SAFETY: 32 bytes of qs per 64 weights; 64 bytes of q8 per chunk.
-            unsafe {
-                let raw = _mm256_loadu_si256(x.qs.as_ptr().add(32 * c) as *const __m256i);
-                let lo = _mm256_and_si256(raw, _mm256_set1_epi8(0x0f));
-                let hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), _mm256_set1_epi8(0x0f));
-                let y0 = _mm256_loadu_si256(y.qs.as_ptr().add(64 * c) as *const __m256i);
-                let y1 = _mm256_loadu_si256(y.qs.as_ptr().add(64 * c + 32) as *const __m256i);
-                let p0 =
-                    _mm256_madd_epi16(_mm256_maddubs_epi16(lo, y0), _mm256_set1_epi16(sc[2 * c]));
-                let p1 = _mm256_madd_epi16(
-                    _mm256_maddubs_epi16(hi, y1),
-                    _mm256_set1_epi16(sc[2 * c + 1]),
-                );
-                acc = _mm256_add_epi32(acc, _mm256_add_epi32(p0, p1));
-            }
-        }
-        let isum = hsum_epi32(acc);
-        sumf += h(x.d) * y.d * isum as f32 - h(x.dmin) * y.d * summ as f32;
+pub(super) fn q4_k_scales_mins(x: &BlockQ4K) -> ([i16; 8], [i32; 8]) {
+    let mut sc = [0i16; 8];
+    let mut mins = [0i32; 8];
+    for j in 0..8 {
+        let (s, m) = crate::quant::generic::scale_min_k4(j, &x.scales);
+        sc[j] = s as i16;
+        mins[j] = m as i32;
     }
-    sumf
+    (sc, mins)
 }
 
+/// The minimum terms of each 64-value chunk: `m * (sum of y)` over its two
+/// sub-blocks.
+#[inline]
+pub(super) fn q4_k_min_terms(mins: &[i32; 8], y: &BlockQ8K) -> [i32; 4] {
+    let s = |j: usize| y.bsums[2 * j] as i32 + y.bsums[2 * j + 1] as i32;
+    std::array::from_fn(|c| mins[2 * c] * s(2 * c) + mins[2 * c + 1] * s(2 * c + 1))
+}
+
+/// Low and high nibbles of chunk `c` (64 values) of a Q4_K block.
+#[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-fn q6_k_q8_k(w: &[BlockQ6K], a: &[BlockQ8K]) -> f32 {
-    let mut sumf = 0f32;
+pub(super) fn q4_k_chunk(x: &BlockQ4K, c: usize) -> (__m256i, __m256i) {
+    // SAFETY: 32 bytes of qs per chunk (c < 4).
+    let raw = unsafe { _mm256_loadu_si256(x.qs[32 * c..].as_ptr() as *const __m256i) };
+    let m4 = _mm256_set1_epi8(0x0f);
+    (
+        _mm256_and_si256(raw, m4),
+        _mm256_and_si256(_mm256_srli_epi16(raw, 4), m4),
+    )
+}
+
+/// Chunk `c`'s scaled dot products with `y`, eight i32 lanes.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) fn q4_k_chunk_dot(
+    lo: __m256i,
+    hi: __m256i,
+    sc: &[i16; 8],
+    y: &BlockQ8K,
+    c: usize,
+) -> __m256i {
+    // SAFETY: 64 bytes of q8 per chunk (c < 4).
+    let (y0, y1) = unsafe {
+        (
+            _mm256_loadu_si256(y.qs[64 * c..].as_ptr() as *const __m256i),
+            _mm256_loadu_si256(y.qs[64 * c + 32..].as_ptr() as *const __m256i),
+        )
+    };
+    let p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(lo, y0), _mm256_set1_epi16(sc[2 * c]));
+    let p1 = _mm256_madd_epi16(
+        _mm256_maddubs_epi16(hi, y1),
+        _mm256_set1_epi16(sc[2 * c + 1]),
+    );
+    _mm256_add_epi32(p0, p1)
+}
+
+/// Q4_K against Q8_K in the order of llama.cpp's repacked x86 kernels
+/// (see [`super::q4_k_accumulate`]).
+#[target_feature(enable = "avx2,fma,f16c")]
+fn q4_k_q8_k(w: &[BlockQ4K], a: &[BlockQ8K], grouped: bool) -> f32 {
+    let (mut acc, mut accm) = (0f32, 0f32);
+    for (x, y) in w.iter().zip(a) {
+        let (sc, mins) = q4_k_scales_mins(x);
+        let mut isb = [0i32; 4];
+        for (c, s) in isb.iter_mut().enumerate() {
+            let (lo, hi) = q4_k_chunk(x, c);
+            *s = hsum_epi32(q4_k_chunk_dot(lo, hi, &sc, y, c));
+        }
+        let imin = q4_k_min_terms(&mins, y);
+        let (d, m) = (h(x.d) * y.d, h(x.dmin) * y.d);
+        super::q4_k_accumulate(&mut acc, &mut accm, isb, imin, d, m, grouped);
+    }
+    acc - accm
+}
+
+/// Q6_K's four quarter-blocks of 32 six-bit values (unsigned, 0..63) in
+/// one half-block: ggml's x86 layout.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) fn q6_k_quarters(ql0: __m256i, ql1: __m256i, qh: __m256i) -> [__m256i; 4] {
     let m4 = _mm256_set1_epi8(0x0f);
     let m3 = _mm256_set1_epi8(0x03);
+    [
+        _mm256_or_si256(
+            _mm256_and_si256(ql0, m4),
+            _mm256_slli_epi16(_mm256_and_si256(qh, m3), 4),
+        ),
+        _mm256_or_si256(
+            _mm256_and_si256(ql1, m4),
+            _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 2), m3), 4),
+        ),
+        _mm256_or_si256(
+            _mm256_and_si256(_mm256_srli_epi16(ql0, 4), m4),
+            _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 4), m3), 4),
+        ),
+        _mm256_or_si256(
+            _mm256_and_si256(_mm256_srli_epi16(ql1, 4), m4),
+            _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 6), m3), 4),
+        ),
+    ]
+}
+
+/// Half-block `n` of a Q6_K block as its four quarters.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) fn q6_k_half(x: &BlockQ6K, n: usize) -> [__m256i; 4] {
+    // SAFETY: ql has 64 bytes and qh 32 per half (n < 2).
+    unsafe {
+        q6_k_quarters(
+            _mm256_loadu_si256(x.ql[64 * n..].as_ptr() as *const __m256i),
+            _mm256_loadu_si256(x.ql[64 * n + 32..].as_ptr() as *const __m256i),
+            _mm256_loadu_si256(x.qh[32 * n..].as_ptr() as *const __m256i),
+        )
+    }
+}
+
+/// The two 16-value scales of quarter `k` of half `n`, one per 128-bit lane.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) fn q6_k_scale(x: &BlockQ6K, n: usize, k: usize) -> __m256i {
+    let s0 = x.scales[8 * n + 2 * k] as i16;
+    let s1 = x.scales[8 * n + 2 * k + 1] as i16;
+    _mm256_set_m128i(_mm_set1_epi16(s1), _mm_set1_epi16(s0))
+}
+
+/// What the values' offset of 32 contributes, lane by lane as ggml's x86
+/// kernel subtracts it: `32 * (scale * block sum)`, pairs of sub-blocks a
+/// lane.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) fn q6_k_offset(x: &BlockQ6K, y: &BlockQ8K) -> __m256i {
+    // SAFETY: bsums is 32 readable bytes, scales 16.
+    let (bsums, scales) = unsafe {
+        (
+            _mm256_loadu_si256(y.bsums.as_ptr() as *const __m256i),
+            _mm_loadu_si128(x.scales.as_ptr() as *const __m128i),
+        )
+    };
+    _mm256_slli_epi32(_mm256_madd_epi16(bsums, _mm256_cvtepi8_epi16(scales)), 5)
+}
+
+/// 32 activation bytes of quarter `k` of half `n`.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) fn q8_k_quarter(y: &BlockQ8K, n: usize, k: usize) -> __m256i {
+    // SAFETY: 32 readable bytes (n < 2, k < 4).
+    unsafe { _mm256_loadu_si256(y.qs[128 * n + 32 * k..].as_ptr() as *const __m256i) }
+}
+
+/// Q6_K against Q8_K in ggml's x86 order: each block's eight i32 lanes,
+/// less the offset, are scaled by `d(y) * d(x)` and summed lane by lane
+/// over the blocks; the lanes are added at the end.
+#[target_feature(enable = "avx2,fma,f16c")]
+fn q6_k_q8_k(w: &[BlockQ6K], a: &[BlockQ8K]) -> f32 {
+    let mut acc = _mm256_setzero_ps();
     for (x, y) in w.iter().zip(a) {
-        let mut acc = _mm256_setzero_si256();
-        let mut bias = 0i32;
-        for (s, &b) in x.scales.iter().zip(&y.bsums) {
-            bias += *s as i32 * b as i32;
-        }
+        let mut sumi = _mm256_setzero_si256();
         for n in 0..2 {
-            // SAFETY: ql has 64 bytes and qh 32 per half; q8 128 per half.
-            unsafe {
-                let ql0 = _mm256_loadu_si256(x.ql.as_ptr().add(64 * n) as *const __m256i);
-                let ql1 = _mm256_loadu_si256(x.ql.as_ptr().add(64 * n + 32) as *const __m256i);
-                let qh = _mm256_loadu_si256(x.qh.as_ptr().add(32 * n) as *const __m256i);
-                let quarters = [
-                    _mm256_or_si256(
-                        _mm256_and_si256(ql0, m4),
-                        _mm256_slli_epi16(_mm256_and_si256(qh, m3), 4),
-                    ),
-                    _mm256_or_si256(
-                        _mm256_and_si256(ql1, m4),
-                        _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 2), m3), 4),
-                    ),
-                    _mm256_or_si256(
-                        _mm256_and_si256(_mm256_srli_epi16(ql0, 4), m4),
-                        _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 4), m3), 4),
-                    ),
-                    _mm256_or_si256(
-                        _mm256_and_si256(_mm256_srli_epi16(ql1, 4), m4),
-                        _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 6), m3), 4),
-                    ),
-                ];
-                for (k, q) in quarters.into_iter().enumerate() {
-                    let y8 =
-                        _mm256_loadu_si256(y.qs.as_ptr().add(128 * n + 32 * k) as *const __m256i);
-                    let s0 = x.scales[8 * n + 2 * k] as i16;
-                    let s1 = x.scales[8 * n + 2 * k + 1] as i16;
-                    let scale = _mm256_set_m128i(_mm_set1_epi16(s1), _mm_set1_epi16(s0));
-                    let p = _mm256_madd_epi16(_mm256_maddubs_epi16(q, y8), scale);
-                    acc = _mm256_add_epi32(acc, p);
-                }
+            for (k, q) in q6_k_half(x, n).into_iter().enumerate() {
+                let p = _mm256_maddubs_epi16(q, q8_k_quarter(y, n, k));
+                sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(p, q6_k_scale(x, n, k)));
             }
         }
-        let isum = hsum_epi32(acc) - 32 * bias;
-        sumf += h(x.d) * y.d * isum as f32;
+        let sumi = _mm256_sub_epi32(sumi, q6_k_offset(x, y));
+        let d = _mm256_set1_ps(y.d * h(x.d));
+        acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(sumi), acc);
     }
-    sumf
+    hsum_ps(acc)
 }
 
 // Safe wrappers. The dispatcher in `cpu::mod` calls them only when AVX2 and
 // FMA were detected at run time.
+
+pub(crate) fn dot_q4_k_q8_k(w: &[BlockQ4K], a: &[BlockQ8K], grouped: bool) -> f32 {
+    debug_assert!(super::avx2_available());
+    // SAFETY: the dispatcher checked AVX2 and FMA at run time; the slices
+    // carry their own bounds.
+    unsafe { q4_k_q8_k(w, a, grouped) }
+}
 
 macro_rules! safe {
     ($name:ident, $inner:ident, $w:ty, $a:ty) => {
@@ -265,7 +359,6 @@ safe!(dot_q8_0_q8_0, q8_0_q8_0, BlockQ8_0, BlockQ8_0);
 safe!(dot_q4_0_q8_0, q4_0_q8_0, BlockQ4_0, BlockQ8_0);
 safe!(dot_q4_1_q8_1, q4_1_q8_1, BlockQ4_1, BlockQ8_1);
 safe!(dot_q5_0_q8_0, q5_0_q8_0, BlockQ5_0, BlockQ8_0);
-safe!(dot_q4_k_q8_k, q4_k_q8_k, BlockQ4K, BlockQ8K);
 safe!(dot_q6_k_q8_k, q6_k_q8_k, BlockQ6K, BlockQ8K);
 
 // ---------------------------------------------------------------------------
@@ -348,115 +441,56 @@ fn q4_1_rows<const R: usize>(w: &[BlockQ4_1], a: [&[BlockQ8_1]; R]) -> [f32; R] 
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
-fn q4_k_rows<const R: usize>(w: &[BlockQ4K], a: [&[BlockQ8K]; R]) -> [f32; R] {
-    let mut sumf = [0f32; R];
+fn q4_k_rows<const R: usize>(w: &[BlockQ4K], a: [&[BlockQ8K]; R], grouped: bool) -> [f32; R] {
+    // Per row exactly the one-row kernel's operations.
+    let mut acc = [(0f32, 0f32); R];
     for (i, x) in w.iter().enumerate() {
-        let mut sc = [0i16; 8];
-        let mut mins = [0i32; 8];
-        for j in 0..8 {
-            let (s, m) = crate::quant::generic::scale_min_k4(j, &x.scales);
-            sc[j] = s as i16;
-            mins[j] = m as i32;
-        }
-        let mut acc = [_mm256_setzero_si256(); R];
+        let (sc, mins) = q4_k_scales_mins(x);
+        let mut isb = [[0i32; 4]; R];
         for c in 0..4 {
-            // SAFETY: 32 bytes of qs per 64 weights.
-            let raw = unsafe { _mm256_loadu_si256(x.qs.as_ptr().add(32 * c) as *const __m256i) };
-            let lo = _mm256_and_si256(raw, _mm256_set1_epi8(0x0f));
-            let hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), _mm256_set1_epi8(0x0f));
-            let (s0, s1) = (
-                _mm256_set1_epi16(sc[2 * c]),
-                _mm256_set1_epi16(sc[2 * c + 1]),
-            );
-            for r in 0..R {
-                let y = &a[r][i];
-                // SAFETY: 64 bytes of q8 per chunk.
-                let (y0, y1) = unsafe {
-                    (
-                        _mm256_loadu_si256(y.qs.as_ptr().add(64 * c) as *const __m256i),
-                        _mm256_loadu_si256(y.qs.as_ptr().add(64 * c + 32) as *const __m256i),
-                    )
-                };
-                let p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(lo, y0), s0);
-                let p1 = _mm256_madd_epi16(_mm256_maddubs_epi16(hi, y1), s1);
-                acc[r] = _mm256_add_epi32(acc[r], _mm256_add_epi32(p0, p1));
+            let (lo, hi) = q4_k_chunk(x, c);
+            for (sums, y) in isb.iter_mut().zip(&a) {
+                sums[c] = hsum_epi32(q4_k_chunk_dot(lo, hi, &sc, &y[i], c));
             }
         }
-        let (d, dmin) = (h(x.d), h(x.dmin));
+        let (dx, mx) = (h(x.d), h(x.dmin));
         for r in 0..R {
             let y = &a[r][i];
-            let summ: i32 = mins
-                .iter()
-                .zip(y.bsums.chunks_exact(2))
-                .map(|(m, b)| m * (b[0] as i32 + b[1] as i32))
-                .sum();
-            sumf[r] += d * y.d * hsum_epi32(acc[r]) as f32 - dmin * y.d * summ as f32;
+            let imin = q4_k_min_terms(&mins, y);
+            let (s, m) = &mut acc[r];
+            super::q4_k_accumulate(s, m, isb[r], imin, dx * y.d, mx * y.d, grouped);
         }
     }
-    sumf
+    acc.map(|(s, m)| s - m)
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
 fn q6_k_rows<const R: usize>(w: &[BlockQ6K], a: [&[BlockQ8K]; R]) -> [f32; R] {
-    let mut sumf = [0f32; R];
-    let m4 = _mm256_set1_epi8(0x0f);
-    let m3 = _mm256_set1_epi8(0x03);
+    // Per row exactly the one-row kernel's operations.
+    let mut acc = [_mm256_setzero_ps(); R];
     for (i, x) in w.iter().enumerate() {
-        let mut acc = [_mm256_setzero_si256(); R];
+        let mut sumi = [_mm256_setzero_si256(); R];
         for n in 0..2 {
-            // SAFETY: ql has 64 bytes and qh 32 per half.
-            let (ql0, ql1, qh) = unsafe {
-                (
-                    _mm256_loadu_si256(x.ql.as_ptr().add(64 * n) as *const __m256i),
-                    _mm256_loadu_si256(x.ql.as_ptr().add(64 * n + 32) as *const __m256i),
-                    _mm256_loadu_si256(x.qh.as_ptr().add(32 * n) as *const __m256i),
-                )
-            };
-            let quarters = [
-                _mm256_or_si256(
-                    _mm256_and_si256(ql0, m4),
-                    _mm256_slli_epi16(_mm256_and_si256(qh, m3), 4),
-                ),
-                _mm256_or_si256(
-                    _mm256_and_si256(ql1, m4),
-                    _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 2), m3), 4),
-                ),
-                _mm256_or_si256(
-                    _mm256_and_si256(_mm256_srli_epi16(ql0, 4), m4),
-                    _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 4), m3), 4),
-                ),
-                _mm256_or_si256(
-                    _mm256_and_si256(_mm256_srli_epi16(ql1, 4), m4),
-                    _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 6), m3), 4),
-                ),
-            ];
-            for (k, q) in quarters.into_iter().enumerate() {
-                let s0 = x.scales[8 * n + 2 * k] as i16;
-                let s1 = x.scales[8 * n + 2 * k + 1] as i16;
-                let scale = _mm256_set_m128i(_mm_set1_epi16(s1), _mm_set1_epi16(s0));
+            for (k, q) in q6_k_half(x, n).into_iter().enumerate() {
+                let scale = q6_k_scale(x, n, k);
                 for r in 0..R {
-                    // SAFETY: 128 bytes of q8 per half.
-                    let y8 = unsafe {
-                        _mm256_loadu_si256(
-                            a[r][i].qs.as_ptr().add(128 * n + 32 * k) as *const __m256i
-                        )
-                    };
-                    let p = _mm256_madd_epi16(_mm256_maddubs_epi16(q, y8), scale);
-                    acc[r] = _mm256_add_epi32(acc[r], p);
+                    let p = _mm256_maddubs_epi16(q, q8_k_quarter(&a[r][i], n, k));
+                    sumi[r] = _mm256_add_epi32(sumi[r], _mm256_madd_epi16(p, scale));
                 }
             }
         }
-        let d = h(x.d);
+        let dx = h(x.d);
         for r in 0..R {
             let y = &a[r][i];
-            let mut bias = 0i32;
-            for (s, &b) in x.scales.iter().zip(&y.bsums) {
-                bias += *s as i32 * b as i32;
-            }
-            sumf[r] += d * y.d * (hsum_epi32(acc[r]) - 32 * bias) as f32;
+            let s = _mm256_sub_epi32(sumi[r], q6_k_offset(x, y));
+            acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(y.d * dx), _mm256_cvtepi32_ps(s), acc[r]);
         }
     }
-    sumf
+    let mut out = [0f32; R];
+    for r in 0..R {
+        out[r] = hsum_ps(acc[r]);
+    }
+    out
 }
 
 /// Four activation rows at once; `None` when there is no multi-row kernel
@@ -481,7 +515,7 @@ pub(crate) fn dot_rows4(
             (G::Q8_0, Q::Q8_0(a)) => q8_0_rows(c(w), rows(a, t0, n / 32)),
             (G::Q5_0, Q::Q8_0(a)) => q5_0_rows(c(w), rows(a, t0, n / 32)),
             (G::Q4_1, Q::Q8_1(a)) => q4_1_rows(c(w), rows(a, t0, n / 32)),
-            (G::Q4_K, Q::Q8_K(a)) => q4_k_rows(c(w), rows(a, t0, n / 256)),
+            (G::Q4_K, Q::Q8_K(a)) => q4_k_rows(c(w), rows(a, t0, n / 256), t0 < acts.grouped),
             (G::Q6_K, Q::Q8_K(a)) => q6_k_rows(c(w), rows(a, t0, n / 256)),
             _ => return None,
         })

@@ -15,7 +15,10 @@
 
 use std::arch::x86_64::*;
 
-use super::x86_64::{dot_u8_i8, h, hsum_ps, load, nibbles, q5_high};
+use super::x86_64::{
+    dot_u8_i8, h, hsum_ps, load, nibbles, q4_k_chunk, q4_k_chunk_dot, q4_k_min_terms,
+    q4_k_scales_mins, q5_high, q6_k_half, q6_k_offset, q6_k_scale, q8_k_quarter,
+};
 use crate::quant::blocks::*;
 
 /// Pairwise u8 x i8 products summed to eight i32 lanes in one instruction.
@@ -66,51 +69,6 @@ fn lanes(v: __m128) -> [f32; 4] {
     // SAFETY: `out` is four writable floats.
     unsafe { _mm_storeu_ps(out.as_mut_ptr(), v) };
     out
-}
-
-/// Q4_K's eight 6-bit scales as i16 and its mins duplicated pairwise
-/// (`m0 m0 m1 m1 ...`), to meet the sixteen i16 block sums of Q8_K.
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
-fn q4_k_scales(x: &BlockQ4K) -> ([i16; 8], __m256i) {
-    let mut sc = [0i16; 8];
-    let mut mins = [0i16; 16];
-    for j in 0..8 {
-        let (s, m) = crate::quant::generic::scale_min_k4(j, &x.scales);
-        sc[j] = s as i16;
-        mins[2 * j] = m as i16;
-        mins[2 * j + 1] = m as i16;
-    }
-    // SAFETY: `mins` is 32 readable bytes.
-    (sc, unsafe {
-        _mm256_loadu_si256(mins.as_ptr() as *const __m256i)
-    })
-}
-
-/// Q6_K's sixteen quarter-sized 6-bit values of one half-block quarter.
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
-fn q6_k_quarters(ql0: __m256i, ql1: __m256i, qh: __m256i) -> [__m256i; 4] {
-    let m4 = _mm256_set1_epi8(0x0f);
-    let m3 = _mm256_set1_epi8(0x03);
-    [
-        _mm256_or_si256(
-            _mm256_and_si256(ql0, m4),
-            _mm256_slli_epi16(_mm256_and_si256(qh, m3), 4),
-        ),
-        _mm256_or_si256(
-            _mm256_and_si256(ql1, m4),
-            _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 2), m3), 4),
-        ),
-        _mm256_or_si256(
-            _mm256_and_si256(_mm256_srli_epi16(ql0, 4), m4),
-            _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 4), m3), 4),
-        ),
-        _mm256_or_si256(
-            _mm256_and_si256(_mm256_srli_epi16(ql1, 4), m4),
-            _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 6), m3), 4),
-        ),
-    ]
 }
 
 macro_rules! tiles {
@@ -217,123 +175,81 @@ macro_rules! tiles {
     // float update for four tokens in the lanes of one register.
     (@k $feat:literal) => {
         #[target_feature(enable = $feat)]
-        pub(crate) fn q4_k(w: [&[BlockQ4K]; 2], a: [&[BlockQ8K]; 4]) -> [[f32; 4]; 2] {
-            let mut sumf = [_mm_setzero_ps(); 2];
-            let m4 = _mm256_set1_epi8(0x0f);
+        pub(crate) fn q4_k(
+            w: [&[BlockQ4K]; 2],
+            a: [&[BlockQ8K]; 4],
+            grouped: bool,
+        ) -> [[f32; 4]; 2] {
+            // Per (weight row, token) exactly the one-row kernel's float
+            // operations; a chunk is unpacked once for four tokens and its
+            // four sums reduced together.
+            let mut acc = [[(0f32, 0f32); 4]; 2];
             for i in 0..w[0].len() {
                 let y = [&a[0][i], &a[1][i], &a[2][i], &a[3][i]];
-                let yd = _mm_setr_ps(y[0].d, y[1].d, y[2].d, y[3].d);
-                // SAFETY: bsums is 32 readable bytes.
-                let bsums = unsafe {
-                    [
-                        _mm256_loadu_si256(y[0].bsums.as_ptr() as *const __m256i),
-                        _mm256_loadu_si256(y[1].bsums.as_ptr() as *const __m256i),
-                        _mm256_loadu_si256(y[2].bsums.as_ptr() as *const __m256i),
-                        _mm256_loadu_si256(y[3].bsums.as_ptr() as *const __m256i),
-                    ]
-                };
                 for r in 0..2 {
                     let x = &w[r][i];
-                    let (sc, mins) = q4_k_scales(x);
-                    let mut acc = [_mm256_setzero_si256(); 4];
+                    let (sc, mins) = q4_k_scales_mins(x);
+                    let mut isb = [[0i32; 4]; 4];
                     for c in 0..4 {
-                        // SAFETY: 32 bytes of qs per 64 weights.
-                        let raw =
-                            unsafe { _mm256_loadu_si256(x.qs.as_ptr().add(32 * c) as *const __m256i) };
-                        let lo = _mm256_and_si256(raw, m4);
-                        let hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), m4);
-                        let (s0, s1) = (_mm256_set1_epi16(sc[2 * c]), _mm256_set1_epi16(sc[2 * c + 1]));
+                        let (lo, hi) = q4_k_chunk(x, c);
+                        let sums = hsum4_epi32([
+                            q4_k_chunk_dot(lo, hi, &sc, y[0], c),
+                            q4_k_chunk_dot(lo, hi, &sc, y[1], c),
+                            q4_k_chunk_dot(lo, hi, &sc, y[2], c),
+                            q4_k_chunk_dot(lo, hi, &sc, y[3], c),
+                        ]);
+                        let mut lane = [0i32; 4];
+                        // SAFETY: `lane` is 16 writable bytes.
+                        unsafe { _mm_storeu_si128(lane.as_mut_ptr() as *mut __m128i, sums) };
                         for t in 0..4 {
-                            // SAFETY: 64 bytes of q8 per chunk.
-                            let (y0, y1) = unsafe {
-                                (
-                                    _mm256_loadu_si256(y[t].qs.as_ptr().add(64 * c) as *const __m256i),
-                                    _mm256_loadu_si256(
-                                        y[t].qs.as_ptr().add(64 * c + 32) as *const __m256i
-                                    ),
-                                )
-                            };
-                            let p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(lo, y0), s0);
-                            let p1 = _mm256_madd_epi16(_mm256_maddubs_epi16(hi, y1), s1);
-                            acc[t] = _mm256_add_epi32(acc[t], _mm256_add_epi32(p0, p1));
+                            isb[t][c] = lane[t];
                         }
                     }
-                    let isum = _mm_cvtepi32_ps(hsum4_epi32(acc));
-                    let summ = _mm_cvtepi32_ps(hsum4_epi32([
-                        _mm256_madd_epi16(bsums[0], mins),
-                        _mm256_madd_epi16(bsums[1], mins),
-                        _mm256_madd_epi16(bsums[2], mins),
-                        _mm256_madd_epi16(bsums[3], mins),
-                    ]));
-                    // As the one-row kernel: d*yd*isum - dmin*yd*summ, each
-                    // product rounded in that order.
-                    let a = _mm_mul_ps(_mm_mul_ps(_mm_set1_ps(h(x.d)), yd), isum);
-                    let b = _mm_mul_ps(_mm_mul_ps(_mm_set1_ps(h(x.dmin)), yd), summ);
-                    sumf[r] = _mm_add_ps(sumf[r], _mm_sub_ps(a, b));
+                    let (dx, mx) = (h(x.d), h(x.dmin));
+                    for t in 0..4 {
+                        let imin = q4_k_min_terms(&mins, y[t]);
+                        let (s, m) = &mut acc[r][t];
+                        crate::cpu::q4_k_accumulate(s, m, isb[t], imin, dx * y[t].d, mx * y[t].d, grouped);
+                    }
                 }
             }
-            [lanes(sumf[0]), lanes(sumf[1])]
+            [acc[0].map(|(s, m)| s - m), acc[1].map(|(s, m)| s - m)]
         }
 
         #[target_feature(enable = $feat)]
         pub(crate) fn q6_k(w: [&[BlockQ6K]; 2], a: [&[BlockQ8K]; 4]) -> [[f32; 4]; 2] {
-            let mut sumf = [_mm_setzero_ps(); 2];
+            // Per (weight row, token) exactly the one-row kernel's
+            // operations; a quarter is unpacked once for four tokens.
+            let mut acc = [[_mm256_setzero_ps(); 4]; 2];
             for i in 0..w[0].len() {
                 let y = [&a[0][i], &a[1][i], &a[2][i], &a[3][i]];
-                let yd = _mm_setr_ps(y[0].d, y[1].d, y[2].d, y[3].d);
-                // SAFETY: bsums is 32 readable bytes.
-                let bsums = unsafe {
-                    [
-                        _mm256_loadu_si256(y[0].bsums.as_ptr() as *const __m256i),
-                        _mm256_loadu_si256(y[1].bsums.as_ptr() as *const __m256i),
-                        _mm256_loadu_si256(y[2].bsums.as_ptr() as *const __m256i),
-                        _mm256_loadu_si256(y[3].bsums.as_ptr() as *const __m256i),
-                    ]
-                };
                 for r in 0..2 {
                     let x = &w[r][i];
-                    let mut acc = [_mm256_setzero_si256(); 4];
+                    let mut sumi = [_mm256_setzero_si256(); 4];
                     for n in 0..2 {
-                        // SAFETY: ql has 64 bytes and qh 32 per half.
-                        let quarters = unsafe {
-                            q6_k_quarters(
-                                _mm256_loadu_si256(x.ql.as_ptr().add(64 * n) as *const __m256i),
-                                _mm256_loadu_si256(x.ql.as_ptr().add(64 * n + 32) as *const __m256i),
-                                _mm256_loadu_si256(x.qh.as_ptr().add(32 * n) as *const __m256i),
-                            )
-                        };
-                        for (k, q) in quarters.into_iter().enumerate() {
-                            let s0 = x.scales[8 * n + 2 * k] as i16;
-                            let s1 = x.scales[8 * n + 2 * k + 1] as i16;
-                            let scale = _mm256_set_m128i(_mm_set1_epi16(s1), _mm_set1_epi16(s0));
+                        for (k, q) in q6_k_half(x, n).into_iter().enumerate() {
+                            let scale = q6_k_scale(x, n, k);
                             for t in 0..4 {
-                                // SAFETY: 128 bytes of q8 per half.
-                                let y8 = unsafe {
-                                    _mm256_loadu_si256(
-                                        y[t].qs.as_ptr().add(128 * n + 32 * k) as *const __m256i
-                                    )
-                                };
-                                let p = _mm256_madd_epi16(_mm256_maddubs_epi16(q, y8), scale);
-                                acc[t] = _mm256_add_epi32(acc[t], p);
+                                let p = _mm256_maddubs_epi16(q, q8_k_quarter(y[t], n, k));
+                                sumi[t] = _mm256_add_epi32(sumi[t], _mm256_madd_epi16(p, scale));
                             }
                         }
                     }
-                    // SAFETY: scales is 16 readable bytes.
-                    let sc = _mm256_cvtepi8_epi16(unsafe {
-                        _mm_loadu_si128(x.scales.as_ptr() as *const __m128i)
-                    });
-                    let bias = hsum4_epi32([
-                        _mm256_madd_epi16(bsums[0], sc),
-                        _mm256_madd_epi16(bsums[1], sc),
-                        _mm256_madd_epi16(bsums[2], sc),
-                        _mm256_madd_epi16(bsums[3], sc),
-                    ]);
-                    let isum = _mm_sub_epi32(hsum4_epi32(acc), _mm_slli_epi32(bias, 5));
-                    let dy = _mm_mul_ps(_mm_set1_ps(h(x.d)), yd);
-                    sumf[r] = _mm_add_ps(sumf[r], _mm_mul_ps(dy, _mm_cvtepi32_ps(isum)));
+                    let dx = h(x.d);
+                    for t in 0..4 {
+                        let s = _mm256_sub_epi32(sumi[t], q6_k_offset(x, y[t]));
+                        let d = _mm256_set1_ps(y[t].d * dx);
+                        acc[r][t] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(s), acc[r][t]);
+                    }
                 }
             }
-            [lanes(sumf[0]), lanes(sumf[1])]
+            let mut out = [[0f32; 4]; 2];
+            for r in 0..2 {
+                for t in 0..4 {
+                    out[r][t] = hsum_ps(acc[r][t]);
+                }
+            }
+            out
         }
     };
 }
@@ -409,7 +325,13 @@ pub(crate) fn tile_with(
                 t0
             ))
         }
-        (G::Q4_K, Q::Q8_K(a)) => pick!(q4_k([c(w[0]), c(w[1])], rows(a, t0, n / 256))),
+        (G::Q4_K, Q::Q8_K(a)) => {
+            pick!(q4_k(
+                [c(w[0]), c(w[1])],
+                rows(a, t0, n / 256),
+                t0 < acts.grouped
+            ))
+        }
         (G::Q6_K, Q::Q8_K(a)) => pick!(q6_k([c(w[0]), c(w[1])], rows(a, t0, n / 256))),
         _ => return None,
     })

@@ -306,6 +306,9 @@ impl Model {
         let l = &self.layers[il - self.loaded.start];
         let n = h.n_tokens;
         let (d, qd, kvd, hd) = (c.n_embd, c.q_dim(), c.kv_dim(), c.head_dim);
+        // The batch's prompt rows, summed as llama.cpp sums a prompt batch
+        // in its repacked kernels (see `ActRows::grouped`).
+        let grouped = h.decoded_from.saturating_sub(pos).min(n);
 
         // --- attention
         let mut x = h.data.clone();
@@ -317,6 +320,7 @@ impl Model {
             &mut [(&l.wq, &mut q), (&l.wk, &mut k), (&l.wv, &mut v)],
             &x,
             n,
+            grouped,
         );
         for w in [&l.wq, &l.wk, &l.wv] {
             self.used(w);
@@ -381,7 +385,7 @@ impl Model {
             );
         });
         let mut o = vec![0f32; n * d];
-        l.wo.matmul(&attn, n, &mut o);
+        matmul_shared(&mut [(&l.wo, &mut o)], &attn, n, grouped);
         self.used(&l.wo);
         if let Some(w) = &l.post_attn_norm {
             ops::rms_norm(&mut o, w, c.rms_eps);
@@ -393,7 +397,12 @@ impl Model {
         ops::rms_norm(&mut x, &l.ffn_norm, c.rms_eps);
         let mut gate = vec![0f32; n * c.n_ff];
         let mut up = vec![0f32; n * c.n_ff];
-        matmul_shared(&mut [(&l.ffn_gate, &mut gate), (&l.ffn_up, &mut up)], &x, n);
+        matmul_shared(
+            &mut [(&l.ffn_gate, &mut gate), (&l.ffn_up, &mut up)],
+            &x,
+            n,
+            grouped,
+        );
         self.used(&l.ffn_gate);
         self.used(&l.ffn_up);
         let gated = |g: &mut [f32], u: &[f32]| match c.arch {
@@ -414,7 +423,7 @@ impl Model {
             });
         }
         let mut o = vec![0f32; n * d];
-        l.ffn_down.matmul(&gate, n, &mut o);
+        matmul_shared(&mut [(&l.ffn_down, &mut o)], &gate, n, grouped);
         self.used(&l.ffn_down);
         if let Some(w) = &l.post_ffn_norm {
             ops::rms_norm(&mut o, w, c.rms_eps);
@@ -424,15 +433,16 @@ impl Model {
 }
 
 /// Several weights applied to the same input: the input is quantised once
-/// per distinct vec-dot type, not once per weight.
-fn matmul_shared(outs: &mut [(&Weight, &mut Vec<f32>)], x: &[f32], n: usize) {
+/// per distinct vec-dot type, not once per weight. The first `grouped` rows
+/// are a prompt batch's (see `ActRows::grouped`).
+fn matmul_shared(outs: &mut [(&Weight, &mut Vec<f32>)], x: &[f32], n: usize, grouped: usize) {
     let mut cached: Vec<ActRows> = Vec::new();
     for (w, out) in outs.iter_mut() {
         let ty = w.ty.vec_dot_type();
         let idx = match cached.iter().position(|a| a.act_type() == ty) {
             Some(i) => i,
             None => {
-                cached.push(ActRows::quantize(ty, x, n, w.cols));
+                cached.push(ActRows::quantize(ty, x, n, w.cols).grouped(grouped));
                 cached.len() - 1
             }
         };

@@ -329,8 +329,11 @@ pub fn swiglu_body(g: &mut [f32], u: &[f32]) {
 const GELU_COEF_A: f32 = 0.044715;
 const SQRT_2_OVER_PI: f32 = 0.797_884_6;
 
+/// ggml's `ggml_gelu_f32` as its compiler contracts it: the inner
+/// `1 + a*x*x` is one fused multiply-add.
 fn gelu_exact_tanh(x: f32) -> f32 {
-    0.5 * x * (1.0 + (SQRT_2_OVER_PI * x * (1.0 + GELU_COEF_A * x * x)).tanh())
+    let inner = SQRT_2_OVER_PI * x * (GELU_COEF_A * x).mul_add(x, 1.0);
+    0.5 * x * (1.0 + inner.tanh())
 }
 
 /// GELU (tanh approximation) through a table over every f16 input, as

@@ -232,6 +232,12 @@ pub struct ActRows {
     /// converting an f16 per row and block. Empty for single rows.
     #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     pub(crate) block_scales: BlockScales,
+    /// Rows before this one are summed as llama.cpp's 4-row gemm sums a
+    /// prompt batch's rows for repacked formats (Q4_K), the rest as its
+    /// gemv sums single tokens (see `cpu::q4_k_accumulate`). A multiple of
+    /// four; by default every whole four of the batch, as for a prompt.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    pub(crate) grouped: usize,
 }
 
 /// See [`ActRows::block_scales`].
@@ -299,7 +305,15 @@ impl ActRows {
             rows,
             cols,
             block_scales,
+            grouped: rows - rows % 4,
         }
+    }
+
+    /// Only the first `rows` rows (rounded down to a multiple of four) are
+    /// summed as a prompt batch's; see [`ActRows::grouped`].
+    pub fn grouped(mut self, rows: usize) -> Self {
+        self.grouped = (rows - rows % 4).min(self.rows - self.rows % 4);
+        self
     }
 
     pub fn act_type(&self) -> ActType {
