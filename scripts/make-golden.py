@@ -79,12 +79,36 @@ def model_cases(path, chat):
         cases.append({"name": "chat-poem", "prompt": msgs[0]["content"], "chat": True,
                       "rendered_prompt": rendered, "prompt_ids": ids, "output_ids": out,
                       "output": llm.detokenize(out).decode("utf-8", "replace")})
+    # Logits, to the last bit: the long prompt and its answer evaluated as
+    # one batch, and as generation evaluates them (the prompt as a batch,
+    # then one token at a time). For each position the three best ids and
+    # their logits, which are f32 values and survive JSON exactly.
+    lp = next(c for c in cases if c["name"] == "long-prompt-128")
+    seq = lp["prompt_ids"] + lp["output_ids"]
+    n_prompt = len(lp["prompt_ids"])
+    def top3(scores):
+        out = []
+        for row in scores:
+            ids = sorted(range(len(row)), key=lambda i: -row[i])[:3]
+            out.append([[i, float(row[i])] for i in ids])
+        return out
+    lg = Llama(model_path=path, n_ctx=512, n_batch=512, n_threads=2, verbose=False, flash_attn=False,
+               logits_all=True)
+    lg.eval(seq)
+    batch = top3(lg.scores[:len(seq)])
+    lg.reset()
+    lg.eval(seq[:n_prompt])
+    for t in seq[n_prompt:]:
+        lg.eval([t])
+    decode = top3(lg.scores[:len(seq)])
+    del lg
+    logits = {"ids": seq, "prompt_len": n_prompt, "batch_top3": batch, "decode_top3": decode}
     toks = []
     for text in TOKENIZE:
         toks.append({"text": text,
                      "ids": llm.tokenize(text.encode(), add_bos=False, special=False),
                      "ids_parse_special": llm.tokenize(text.encode(), add_bos=False, special=True)})
-    return {"cases": cases, "tokenize": toks}
+    return {"cases": cases, "tokenize": toks, "logits": logits}
 
 
 golden = {

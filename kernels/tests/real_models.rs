@@ -183,19 +183,15 @@ fn check_generation(model: &str) -> Vec<String> {
     report
 }
 
-/// Cases that must match llama.cpp in full. With the SIMD kernels SmolLM2
-/// is computed bit for bit as llama.cpp's x86 build computes it (logits
-/// identical to the last bit, prompt batches and single tokens alike), so
-/// every case made by the llama.cpp built here (`golden:`) must match. The
-/// shared reference's "Once upon a time" is the exception the tie rule
-/// covers: the llama.cpp built here itself parts from that file at token
-/// 12 (`golden:here:` holds its answer). Gemma 3 is bit-exact too for
-/// batches of fewer than eight tokens and for decoding, so all its short
-/// cases must match; its long prompt is left to the tie rule, because for
-/// eight or more tokens llama.cpp multiplies K-quants in its tiled kernel
-/// (ggml-cpu/tiled), whose order prima does not follow yet. The portable scalar
-/// kernels sum in ggml's reference order, not its x86 order, so with
-/// `PRIMA_SIMD=off` only the tie rule of [`check_generation`] applies.
+/// Cases that must match llama.cpp in full. With the SIMD kernels both
+/// models are computed bit for bit as llama.cpp's x86 build computes them
+/// (see `logits_equal_llama_cpp_to_the_last_bit`), so every case made by
+/// the llama.cpp built here (`golden:`) must match. The shared reference's
+/// SmolLM2 "Once upon a time" is the exception the tie rule covers: the
+/// llama.cpp built here itself parts from that file at token 12
+/// (`golden:here:` holds its answer). The portable scalar kernels sum in
+/// ggml's reference order, not its x86 order, so with `PRIMA_SIMD=off` only
+/// the tie rule of [`check_generation`] applies.
 fn assert_full(report: &[String], labels: &[&str]) {
     if !prima_kernels::cpu::simd_enabled() {
         eprintln!("scalar kernels: full-match cases checked by the tie rule only");
@@ -245,8 +241,64 @@ fn gemma3_greedy_generation_matches_llama_cpp() {
             "golden:here:The capital of France is",
             "golden:here:def fibonacci(n):",
             "golden:here:The quick brown fox",
+            "golden:long-prompt-128",
         ],
     );
+}
+
+/// Logits equal llama.cpp's to the last bit: the long golden prompt and its
+/// answer evaluated as one batch, and as generation evaluates them (the
+/// prompt as a batch, then one token at a time), checked at llama.cpp's
+/// three best tokens of every position. The portable scalar kernels sum
+/// in ggml's reference order instead, so with `PRIMA_SIMD=off` the logits
+/// need only be close (the size of a near-tie).
+#[test]
+fn logits_equal_llama_cpp_to_the_last_bit() {
+    let exact = prima_kernels::cpu::simd_enabled();
+    for model in [SMOL, GEMMA] {
+        let g = &json("llama-cpp-golden.json")["models"][model]["logits"];
+        let seq = ids(&g["ids"]);
+        let prompt_len = g["prompt_len"].as_u64().unwrap() as usize;
+        let (m, _) = load(model);
+        let nv = m.config.n_vocab;
+        let mut s = Session::new(&m, 512);
+        let all: Vec<usize> = (0..seq.len()).collect();
+        let batch = s.eval(&seq, &all).unwrap();
+        let mut s = Session::new(&m, 512);
+        let rows: Vec<usize> = (0..prompt_len).collect();
+        let mut decode = s.eval(&seq[..prompt_len], &rows).unwrap();
+        for &t in &seq[prompt_len..] {
+            decode.extend(s.eval_last(&[t]).unwrap());
+        }
+        for (name, got) in [("batch", &batch), ("decode", &decode)] {
+            let want = g[format!("{name}_top3")].as_array().unwrap();
+            assert_eq!(want.len(), seq.len());
+            let mut worst = 0f32;
+            for (p, top) in want.iter().enumerate() {
+                for pair in top.as_array().unwrap() {
+                    let id = pair[0].as_u64().unwrap() as usize;
+                    let w = pair[1].as_f64().unwrap() as f32;
+                    let v = got[p * nv + id];
+                    if exact {
+                        assert_eq!(
+                            v.to_bits(),
+                            w.to_bits(),
+                            "{model} {name}: position {p}, token {id}: {v} vs llama.cpp {w}"
+                        );
+                    }
+                    worst = worst.max((v - w).abs());
+                }
+            }
+            assert!(
+                worst < 2.0,
+                "{model} {name}: logits differ by up to {worst}"
+            );
+            eprintln!(
+                "{model} {name}: {} positions, largest difference {worst}",
+                seq.len()
+            );
+        }
+    }
 }
 
 /// A ring device runs only its window: loading two halves of the model on

@@ -150,7 +150,8 @@ pub fn vec_dot(ty: GgmlType, w: &[u8], acts: &ActRows, row: usize) -> f32 {
                 return x86_64::dot_q4_k_q8_k(c(w), blocks_of(a, row, n, QK_K), grouped);
             }
             (GgmlType::Q6_K, QuantActs::Q8_K(a)) => {
-                return x86_64::dot_q6_k_q8_k(c(w), blocks_of(a, row, n, QK_K));
+                let tiled = row < acts.tiled;
+                return x86_64::dot_q6_k_q8_k(c(w), blocks_of(a, row, n, QK_K), tiled);
             }
             _ => {}
         }
@@ -195,7 +196,7 @@ pub fn attend(
     q: &[f32],
     cache: crate::model::ops::HeadCache<'_>,
     cells: std::ops::Range<usize>,
-    scale: f32,
+    scale: crate::model::ops::AttnScale,
     batched: bool,
     out: &mut [f32],
 ) {
@@ -241,6 +242,28 @@ pub(crate) fn q4_k_accumulate(
     } else {
         *acc = (isb.iter().sum::<i32>() as f32).mul_add(d, *acc);
         *accm = (imin.iter().sum::<i32>() as f32).mul_add(m, *accm);
+    }
+}
+
+/// Adds one Q6_K block to a row's running sum as llama.cpp's x86 build
+/// does. Its vec_dot (decoded tokens, short prompts) keeps the block's
+/// eight i32 lanes `lanes` (offset already taken off) apart, scaled by
+/// `d = d(y) * d(x)` into eight float lanes fused (`acc`, added up at the
+/// end); its tiled kernel (prompts of eight tokens or more, `tiled`) takes
+/// the block's exact total times `d(x)`, then times `d(y)` fused into
+/// `acc[0]`.
+#[inline(always)]
+pub(crate) fn q6_k_block(acc: &mut [f32; 8], lanes: [i32; 8], dx: f32, dy: f32, tiled: bool) {
+    if tiled {
+        let total: i32 = lanes.iter().fold(0i32, |a, &b| a.wrapping_add(b));
+        // `acc + (total * dx) * dy` in its intrinsics, which the compiler
+        // contracts into one fused multiply-add.
+        acc[0] = (total as f32 * dx).mul_add(dy, acc[0]);
+    } else {
+        let d = dy * dx;
+        for (a, l) in acc.iter_mut().zip(lanes) {
+            *a = (l as f32).mul_add(d, *a);
+        }
     }
 }
 

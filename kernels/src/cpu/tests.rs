@@ -121,10 +121,12 @@ fn tiles_are_bit_identical_to_the_one_row_kernels() {
                 &bytemuck::cast_slice::<u32, u8>(&words[r])[..ty.row_bytes(n)]
             });
             let x: Vec<f32> = (0..8 * n).map(|_| rng.f32() * 4.0 - 1.0).collect();
-            // Rows 0..4 as a prompt batch's, 4..8 as decoded tokens'.
-            let acts = ActRows::quantize(ty.vec_dot_type(), &x, 8, n).grouped(4);
+            // Rows 0..4 as a prompt batch's (a short and a long prompt:
+            // llama.cpp sums them differently), 4..8 as decoded tokens'.
+            let quantized = ActRows::quantize(ty.vec_dot_type(), &x, 8, n);
             set_simd(true);
-            for &vnni in builds {
+            for (&vnni, prompt_len) in builds.iter().flat_map(|b| [(b, 4), (b, 8)]) {
+                let acts = quantized.clone().prompt(4, prompt_len);
                 for t0 in [0, 4] {
                     let got = x86_64_tile::tile_with(vnni, ty, w, &acts, t0)
                         .unwrap_or_else(|| panic!("{ty}: no tile"));

@@ -313,29 +313,62 @@ pub(super) fn q8_k_quarter(y: &BlockQ8K, n: usize, k: usize) -> __m256i {
     unsafe { _mm256_loadu_si256(y.qs[128 * n + 32 * k..].as_ptr() as *const __m256i) }
 }
 
-/// Q6_K against Q8_K in ggml's x86 order: each block's eight i32 lanes,
-/// less the offset, are scaled by `d(y) * d(x)` and summed lane by lane
-/// over the blocks; the lanes are added at the end.
+/// The eight i32 lanes of a vector.
+#[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-fn q6_k_q8_k(w: &[BlockQ6K], a: &[BlockQ8K]) -> f32 {
-    let mut acc = _mm256_setzero_ps();
-    for (x, y) in w.iter().zip(a) {
-        let mut sumi = _mm256_setzero_si256();
-        for n in 0..2 {
-            for (k, q) in q6_k_half(x, n).into_iter().enumerate() {
-                let p = _mm256_maddubs_epi16(q, q8_k_quarter(y, n, k));
-                sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(p, q6_k_scale(x, n, k)));
-            }
+pub(super) fn lanes_epi32(v: __m256i) -> [i32; 8] {
+    let mut out = [0i32; 8];
+    // SAFETY: `out` is 32 writable bytes.
+    unsafe { _mm256_storeu_si256(out.as_mut_ptr() as *mut __m256i, v) };
+    out
+}
+
+/// The eight lanes added as ggml's `hsum_float_8` adds them.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) fn hsum_lanes(acc: [f32; 8]) -> f32 {
+    // SAFETY: `acc` is 32 readable bytes.
+    hsum_ps(unsafe { _mm256_loadu_ps(acc.as_ptr()) })
+}
+
+/// One Q6_K block against one Q8_K block: eight i32 lanes, the offset of
+/// 32 taken off (ggml's x86 lane layout).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) fn q6_k_lanes(x: &BlockQ6K, y: &BlockQ8K) -> __m256i {
+    let mut sumi = _mm256_setzero_si256();
+    for n in 0..2 {
+        for (k, q) in q6_k_half(x, n).into_iter().enumerate() {
+            let p = _mm256_maddubs_epi16(q, q8_k_quarter(y, n, k));
+            sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(p, q6_k_scale(x, n, k)));
         }
-        let sumi = _mm256_sub_epi32(sumi, q6_k_offset(x, y));
-        let d = _mm256_set1_ps(y.d * h(x.d));
-        acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(sumi), acc);
     }
-    hsum_ps(acc)
+    _mm256_sub_epi32(sumi, q6_k_offset(x, y))
+}
+
+/// Q6_K against Q8_K in llama.cpp's x86 order (see [`super::q6_k_block`]).
+#[target_feature(enable = "avx2,fma,f16c")]
+fn q6_k_q8_k(w: &[BlockQ6K], a: &[BlockQ8K], tiled: bool) -> f32 {
+    let mut acc = [0f32; 8];
+    for (x, y) in w.iter().zip(a) {
+        super::q6_k_block(&mut acc, lanes_epi32(q6_k_lanes(x, y)), h(x.d), y.d, tiled);
+    }
+    if tiled {
+        acc[0]
+    } else {
+        hsum_lanes(acc)
+    }
 }
 
 // Safe wrappers. The dispatcher in `cpu::mod` calls them only when AVX2 and
 // FMA were detected at run time.
+
+pub(crate) fn dot_q6_k_q8_k(w: &[BlockQ6K], a: &[BlockQ8K], tiled: bool) -> f32 {
+    debug_assert!(super::avx2_available());
+    // SAFETY: the dispatcher checked AVX2 and FMA at run time; the slices
+    // carry their own bounds.
+    unsafe { q6_k_q8_k(w, a, tiled) }
+}
 
 pub(crate) fn dot_q4_k_q8_k(w: &[BlockQ4K], a: &[BlockQ8K], grouped: bool) -> f32 {
     debug_assert!(super::avx2_available());
@@ -359,7 +392,6 @@ safe!(dot_q8_0_q8_0, q8_0_q8_0, BlockQ8_0, BlockQ8_0);
 safe!(dot_q4_0_q8_0, q4_0_q8_0, BlockQ4_0, BlockQ8_0);
 safe!(dot_q4_1_q8_1, q4_1_q8_1, BlockQ4_1, BlockQ8_1);
 safe!(dot_q5_0_q8_0, q5_0_q8_0, BlockQ5_0, BlockQ8_0);
-safe!(dot_q6_k_q8_k, q6_k_q8_k, BlockQ6K, BlockQ8K);
 
 // ---------------------------------------------------------------------------
 // Several activation rows against one weight row: each weight block is
@@ -465,9 +497,9 @@ fn q4_k_rows<const R: usize>(w: &[BlockQ4K], a: [&[BlockQ8K]; R], grouped: bool)
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
-fn q6_k_rows<const R: usize>(w: &[BlockQ6K], a: [&[BlockQ8K]; R]) -> [f32; R] {
+fn q6_k_rows<const R: usize>(w: &[BlockQ6K], a: [&[BlockQ8K]; R], tiled: [bool; R]) -> [f32; R] {
     // Per row exactly the one-row kernel's operations.
-    let mut acc = [_mm256_setzero_ps(); R];
+    let mut acc = [[0f32; 8]; R];
     for (i, x) in w.iter().enumerate() {
         let mut sumi = [_mm256_setzero_si256(); R];
         for n in 0..2 {
@@ -482,13 +514,17 @@ fn q6_k_rows<const R: usize>(w: &[BlockQ6K], a: [&[BlockQ8K]; R]) -> [f32; R] {
         let dx = h(x.d);
         for r in 0..R {
             let y = &a[r][i];
-            let s = _mm256_sub_epi32(sumi[r], q6_k_offset(x, y));
-            acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(y.d * dx), _mm256_cvtepi32_ps(s), acc[r]);
+            let l = lanes_epi32(_mm256_sub_epi32(sumi[r], q6_k_offset(x, y)));
+            super::q6_k_block(&mut acc[r], l, dx, y.d, tiled[r]);
         }
     }
     let mut out = [0f32; R];
     for r in 0..R {
-        out[r] = hsum_ps(acc[r]);
+        out[r] = if tiled[r] {
+            acc[r][0]
+        } else {
+            hsum_lanes(acc[r])
+        };
     }
     out
 }
@@ -516,7 +552,11 @@ pub(crate) fn dot_rows4(
             (G::Q5_0, Q::Q8_0(a)) => q5_0_rows(c(w), rows(a, t0, n / 32)),
             (G::Q4_1, Q::Q8_1(a)) => q4_1_rows(c(w), rows(a, t0, n / 32)),
             (G::Q4_K, Q::Q8_K(a)) => q4_k_rows(c(w), rows(a, t0, n / 256), t0 < acts.grouped),
-            (G::Q6_K, Q::Q8_K(a)) => q6_k_rows(c(w), rows(a, t0, n / 256)),
+            (G::Q6_K, Q::Q8_K(a)) => q6_k_rows(
+                c(w),
+                rows(a, t0, n / 256),
+                std::array::from_fn(|r| t0 + r < acts.tiled),
+            ),
             _ => return None,
         })
     }
@@ -546,7 +586,7 @@ fn attend_avx2(
     q: &[f32],
     cache: crate::model::ops::HeadCache<'_>,
     cells: std::ops::Range<usize>,
-    scale: f32,
+    scale: crate::model::ops::AttnScale,
     batched: bool,
     out: &mut [f32],
 ) {
@@ -557,7 +597,7 @@ pub(crate) fn attend(
     q: &[f32],
     cache: crate::model::ops::HeadCache<'_>,
     cells: std::ops::Range<usize>,
-    scale: f32,
+    scale: crate::model::ops::AttnScale,
     batched: bool,
     out: &mut [f32],
 ) {

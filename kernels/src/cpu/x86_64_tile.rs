@@ -16,8 +16,8 @@
 use std::arch::x86_64::*;
 
 use super::x86_64::{
-    dot_u8_i8, h, hsum_ps, load, nibbles, q4_k_chunk, q4_k_chunk_dot, q4_k_min_terms,
-    q4_k_scales_mins, q5_high, q6_k_half, q6_k_offset, q6_k_scale, q8_k_quarter,
+    dot_u8_i8, h, hsum_lanes, hsum_ps, lanes_epi32, load, nibbles, q4_k_chunk, q4_k_chunk_dot,
+    q4_k_min_terms, q4_k_scales_mins, q5_high, q6_k_half, q6_k_offset, q6_k_scale, q8_k_quarter,
 };
 use crate::quant::blocks::*;
 
@@ -217,10 +217,14 @@ macro_rules! tiles {
         }
 
         #[target_feature(enable = $feat)]
-        pub(crate) fn q6_k(w: [&[BlockQ6K]; 2], a: [&[BlockQ8K]; 4]) -> [[f32; 4]; 2] {
+        pub(crate) fn q6_k(
+            w: [&[BlockQ6K]; 2],
+            a: [&[BlockQ8K]; 4],
+            tiled: [bool; 4],
+        ) -> [[f32; 4]; 2] {
             // Per (weight row, token) exactly the one-row kernel's
             // operations; a quarter is unpacked once for four tokens.
-            let mut acc = [[_mm256_setzero_ps(); 4]; 2];
+            let mut acc = [[[0f32; 8]; 4]; 2];
             for i in 0..w[0].len() {
                 let y = [&a[0][i], &a[1][i], &a[2][i], &a[3][i]];
                 for r in 0..2 {
@@ -237,16 +241,15 @@ macro_rules! tiles {
                     }
                     let dx = h(x.d);
                     for t in 0..4 {
-                        let s = _mm256_sub_epi32(sumi[t], q6_k_offset(x, y[t]));
-                        let d = _mm256_set1_ps(y[t].d * dx);
-                        acc[r][t] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(s), acc[r][t]);
+                        let l = lanes_epi32(_mm256_sub_epi32(sumi[t], q6_k_offset(x, y[t])));
+                        crate::cpu::q6_k_block(&mut acc[r][t], l, dx, y[t].d, tiled[t]);
                     }
                 }
             }
             let mut out = [[0f32; 4]; 2];
             for r in 0..2 {
                 for t in 0..4 {
-                    out[r][t] = hsum_ps(acc[r][t]);
+                    out[r][t] = if tiled[t] { acc[r][t][0] } else { hsum_lanes(acc[r][t]) };
                 }
             }
             out
@@ -332,7 +335,10 @@ pub(crate) fn tile_with(
                 t0 < acts.grouped
             ))
         }
-        (G::Q6_K, Q::Q8_K(a)) => pick!(q6_k([c(w[0]), c(w[1])], rows(a, t0, n / 256))),
+        (G::Q6_K, Q::Q8_K(a)) => {
+            let tiled = std::array::from_fn(|r| t0 + r < acts.tiled);
+            pick!(q6_k([c(w[0]), c(w[1])], rows(a, t0, n / 256), tiled))
+        }
         _ => return None,
     })
 }

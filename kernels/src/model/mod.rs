@@ -306,9 +306,16 @@ impl Model {
         let l = &self.layers[il - self.loaded.start];
         let n = h.n_tokens;
         let (d, qd, kvd, hd) = (c.n_embd, c.q_dim(), c.kv_dim(), c.head_dim);
-        // The batch's prompt rows, summed as llama.cpp sums a prompt batch
-        // in its repacked kernels (see `ActRows::grouped`).
-        let grouped = h.decoded_from.saturating_sub(pos).min(n);
+        // The batch's prompt rows, which llama.cpp's matmuls sum in another
+        // order than decoded tokens for some formats (see `ActRows::prompt`).
+        let prompt = (
+            h.decoded_from.saturating_sub(pos).min(n),
+            if h.decoded_from == usize::MAX {
+                n
+            } else {
+                h.decoded_from
+            },
+        );
 
         // --- attention
         let mut x = h.data.clone();
@@ -320,7 +327,7 @@ impl Model {
             &mut [(&l.wq, &mut q), (&l.wk, &mut k), (&l.wv, &mut v)],
             &x,
             n,
-            grouped,
+            prompt,
         );
         for w in [&l.wq, &l.wk, &l.wv] {
             self.used(w);
@@ -346,8 +353,12 @@ impl Model {
             rope.apply(&mut q[t * qd..(t + 1) * qd], hd, &cs);
             rope.apply(&mut k[t * kvd..(t + 1) * kvd], hd, &cs);
         }
-        // Gemma scales queries, llama scales scores: the same product.
-        let scale = c.attn_scale;
+        // Gemma scales the queries (before they are rounded to f16, which
+        // matters where they are tiny), llama the scores.
+        let scale = match c.arch {
+            Arch::Gemma3 => ops::AttnScale::Query(c.attn_scale),
+            Arch::Llama | Arch::Qwen2 => ops::AttnScale::Scores(c.attn_scale),
+        };
         for t in 0..n {
             let at = (pos + t) * kvd;
             for (dst, &src) in cache.k[at..at + kvd].iter_mut().zip(&k[t * kvd..]) {
@@ -385,7 +396,7 @@ impl Model {
             );
         });
         let mut o = vec![0f32; n * d];
-        matmul_shared(&mut [(&l.wo, &mut o)], &attn, n, grouped);
+        matmul_shared(&mut [(&l.wo, &mut o)], &attn, n, prompt);
         self.used(&l.wo);
         if let Some(w) = &l.post_attn_norm {
             ops::rms_norm(&mut o, w, c.rms_eps);
@@ -401,7 +412,7 @@ impl Model {
             &mut [(&l.ffn_gate, &mut gate), (&l.ffn_up, &mut up)],
             &x,
             n,
-            grouped,
+            prompt,
         );
         self.used(&l.ffn_gate);
         self.used(&l.ffn_up);
@@ -423,7 +434,7 @@ impl Model {
             });
         }
         let mut o = vec![0f32; n * d];
-        matmul_shared(&mut [(&l.ffn_down, &mut o)], &gate, n, grouped);
+        matmul_shared(&mut [(&l.ffn_down, &mut o)], &gate, n, prompt);
         self.used(&l.ffn_down);
         if let Some(w) = &l.post_ffn_norm {
             ops::rms_norm(&mut o, w, c.rms_eps);
@@ -433,16 +444,21 @@ impl Model {
 }
 
 /// Several weights applied to the same input: the input is quantised once
-/// per distinct vec-dot type, not once per weight. The first `grouped` rows
-/// are a prompt batch's (see `ActRows::grouped`).
-fn matmul_shared(outs: &mut [(&Weight, &mut Vec<f32>)], x: &[f32], n: usize, grouped: usize) {
+/// per distinct vec-dot type, not once per weight. `prompt`: how many of
+/// the rows are a prompt's, and its length (see `ActRows::prompt`).
+fn matmul_shared(
+    outs: &mut [(&Weight, &mut Vec<f32>)],
+    x: &[f32],
+    n: usize,
+    prompt: (usize, usize),
+) {
     let mut cached: Vec<ActRows> = Vec::new();
     for (w, out) in outs.iter_mut() {
         let ty = w.ty.vec_dot_type();
         let idx = match cached.iter().position(|a| a.act_type() == ty) {
             Some(i) => i,
             None => {
-                cached.push(ActRows::quantize(ty, x, n, w.cols).grouped(grouped));
+                cached.push(ActRows::quantize(ty, x, n, w.cols).prompt(prompt.0, prompt.1));
                 cached.len() - 1
             }
         };

@@ -86,6 +86,14 @@ pub struct HeadCache<'a> {
     pub stride: usize,
 }
 
+/// Where the attention scale applies: to the query before it is rounded to
+/// f16 (Gemma), or to the scores (llama).
+#[derive(Clone, Copy, Debug)]
+pub enum AttnScale {
+    Query(f32),
+    Scores(f32),
+}
+
 /// One query head's attention over the cache cells `cells` (causal and
 /// windowed masks are the caller's choice of cells), written to `out`.
 ///
@@ -105,16 +113,20 @@ pub fn attend_body(
     q: &[f32],
     cache: HeadCache<'_>,
     cells: std::ops::Range<usize>,
-    scale: f32,
+    scale: AttnScale,
     batched: bool,
     out: &mut [f32],
 ) {
     const MAX: usize = super::MAX_HEAD_DIM;
     let hd = q.len();
+    let (q_scale, scale) = match scale {
+        AttnScale::Query(s) => (s, 1.0),
+        AttnScale::Scores(s) => (1.0, s),
+    };
     let mut qh = [0f32; MAX];
     let qh = &mut qh[..hd];
     for (d, &x) in qh.iter_mut().zip(q) {
-        *d = f16::from_f32(x).to_f32();
+        *d = f16::from_f32(x * q_scale).to_f32();
     }
     let mut row = [0f32; MAX];
     let row = &mut row[..hd];

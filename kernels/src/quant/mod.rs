@@ -238,6 +238,11 @@ pub struct ActRows {
     /// four; by default every whole four of the batch, as for a prompt.
     #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     pub(crate) grouped: usize,
+    /// Rows before this one are summed as llama.cpp's tiled K-quant kernel
+    /// (ggml-cpu/tiled) sums a prompt of eight or more tokens (Q6_K), the
+    /// rest as its vec_dot (see `cpu::q6_k_block`).
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    pub(crate) tiled: usize,
 }
 
 /// See [`ActRows::block_scales`].
@@ -306,13 +311,19 @@ impl ActRows {
             cols,
             block_scales,
             grouped: rows - rows % 4,
+            tiled: if rows >= 8 { rows } else { 0 },
         }
     }
 
-    /// Only the first `rows` rows (rounded down to a multiple of four) are
-    /// summed as a prompt batch's; see [`ActRows::grouped`].
-    pub fn grouped(mut self, rows: usize) -> Self {
-        self.grouped = (rows - rows % 4).min(self.rows - self.rows % 4);
+    /// Only the first `rows` rows belong to a prompt, of `prompt_len`
+    /// tokens in all; the others are decoded tokens. llama.cpp sums a
+    /// prompt's rows in other orders than a decoded token's for some
+    /// formats (see [`ActRows::grouped`], [`ActRows::tiled`]). By default
+    /// every row is a prompt's, as in one prompt batch.
+    pub fn prompt(mut self, rows: usize, prompt_len: usize) -> Self {
+        let rows = rows.min(self.rows);
+        self.grouped = rows - rows % 4;
+        self.tiled = if prompt_len >= 8 { rows } else { 0 };
         self
     }
 
