@@ -224,6 +224,7 @@ pub fn swiglu(g: &mut [f32], u: &[f32]) {
 /// term `imin` with their own fused multiply-adds, while its gemv (other
 /// rows, and single tokens) adds the block's totals. `d = d(x) * d(y)`,
 /// `m = dmin(x) * d(y)`.
+#[cfg(target_arch = "x86_64")]
 #[inline(always)]
 pub(crate) fn q4_k_accumulate(
     acc: &mut f32,
@@ -252,6 +253,7 @@ pub(crate) fn q4_k_accumulate(
 /// end); its tiled kernel (prompts of eight tokens or more, `tiled`) takes
 /// the block's exact total times `d(x)`, then times `d(y)` fused into
 /// `acc[0]`.
+#[cfg(target_arch = "x86_64")]
 #[inline(always)]
 pub(crate) fn q6_k_block(acc: &mut [f32; 8], lanes: [i32; 8], dx: f32, dy: f32, tiled: bool) {
     if tiled {
