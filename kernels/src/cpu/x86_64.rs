@@ -590,7 +590,28 @@ fn attend_avx2(
     batched: bool,
     out: &mut [f32],
 ) {
-    crate::model::ops::attend_body(q, cache, cells, scale, batched, out)
+    crate::model::ops::attend_body_with(q, cache, cells, scale, batched, out, |h, f| {
+        widen_f16(h, f)
+    })
+}
+
+/// f16 to f32, eight at a time with F16C (exact, as every conversion).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn widen_f16(src: &[half::f16], dst: &mut [f32]) {
+    let n = src.len().min(dst.len());
+    let mut i = 0;
+    while i + 8 <= n {
+        // SAFETY: i + 8 <= n, within both slices.
+        unsafe {
+            let h = _mm_loadu_si128(src.as_ptr().add(i) as *const __m128i);
+            _mm256_storeu_ps(dst.as_mut_ptr().add(i), _mm256_cvtph_ps(h));
+        }
+        i += 8;
+    }
+    for (d, s) in dst[i..n].iter_mut().zip(&src[i..n]) {
+        *d = s.to_f32();
+    }
 }
 
 pub(crate) fn attend(

@@ -117,6 +117,23 @@ pub fn attend_body(
     batched: bool,
     out: &mut [f32],
 ) {
+    attend_body_with(q, cache, cells, scale, batched, out, |h, f| {
+        h.convert_to_f32_slice(f)
+    })
+}
+
+/// [`attend_body`] with the f16-to-f32 widening of cache rows supplied by
+/// the caller (exact in any implementation; a SIMD build passes F16C's).
+#[inline(always)]
+pub fn attend_body_with(
+    q: &[f32],
+    cache: HeadCache<'_>,
+    cells: std::ops::Range<usize>,
+    scale: AttnScale,
+    batched: bool,
+    out: &mut [f32],
+    widen: impl Fn(&[f16], &mut [f32]),
+) {
     const MAX: usize = super::MAX_HEAD_DIM;
     let hd = q.len();
     let (q_scale, scale) = match scale {
@@ -133,18 +150,18 @@ pub fn attend_body(
     let first = cells.start;
     // llama.cpp's tiled matmul takes only lengths in whole 16-lane steps.
     let tiled_scores = batched && hd.is_multiple_of(16);
-    let mut scores: Vec<f32> = cells
-        .clone()
-        .map(|j| {
-            cache.k[j * cache.stride..][..hd].convert_to_f32_slice(row);
-            let s = if tiled_scores {
-                dot16(row, qh)
-            } else {
-                dot_f16(row, qh)
-            };
-            s * scale
-        })
-        .collect();
+    // A plain loop, not an iterator's closure: a closure would not inherit
+    // the caller's target features, and the dot products run unvectorised.
+    let mut scores: Vec<f32> = Vec::with_capacity(cells.len());
+    for j in cells.clone() {
+        widen(&cache.k[j * cache.stride..][..hd], row);
+        let s = if tiled_scores {
+            dot16(row, qh)
+        } else {
+            dot_f16(row, qh)
+        };
+        scores.push(s * scale);
+    }
     softmax_row_body(&mut scores, first);
     // Running sums per output: `lanes[slot * hd + d]`, where the slot of a
     // cell is its lane (tiled: cell % 16) or its register and lane (f16 dot:
@@ -153,21 +170,23 @@ pub fn attend_body(
     let mut lanes = vec![0f32; slots * hd];
     for (j, &pj) in cells.zip(&scores) {
         let pj = f16::from_f32(pj).to_f32();
-        cache.v[j * cache.stride..][..hd].convert_to_f32_slice(row);
+        widen(&cache.v[j * cache.stride..][..hd], row);
         let lane = &mut lanes[(j % slots) * hd..][..hd];
         for (a, vv) in lane.iter_mut().zip(row.iter()) {
             *a += pj * vv;
         }
     }
     for (d, o) in out.iter_mut().enumerate() {
-        let at = |slot: usize| lanes[slot * hd + d];
-        *o = if batched {
-            reduce16(&std::array::from_fn(at))
-        } else {
-            let x: [f32; 16] =
-                std::array::from_fn(|l| (at(l) + at(32 + l)) + (at(16 + l) + at(48 + l)));
-            reduce16(&x) as f64 as f32
-        };
+        let mut x = [0f32; 16];
+        for (l, x) in x.iter_mut().enumerate() {
+            let at = |slot: usize| lanes[slot * hd + d];
+            *x = if batched {
+                at(l)
+            } else {
+                (at(l) + at(32 + l)) + (at(16 + l) + at(48 + l))
+            };
+        }
+        *o = reduce16(&x);
     }
 }
 
