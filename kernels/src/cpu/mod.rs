@@ -193,18 +193,15 @@ pub fn dot_tile(ty: GgmlType, w: [&[u8]; 2], acts: &ActRows, t0: usize) -> Optio
 /// One query head's attention over cache cells `cells`; see
 /// [`crate::model::ops::attend_body`].
 pub fn attend(
-    q: &[f32],
+    query: crate::model::ops::HeadQuery<'_>,
     cache: crate::model::ops::HeadCache<'_>,
-    cells: std::ops::Range<usize>,
-    scale: crate::model::ops::AttnScale,
-    batched: bool,
     out: &mut [f32],
 ) {
     #[cfg(target_arch = "x86_64")]
     if simd_enabled() {
-        return x86_64::attend(q, cache, cells, scale, batched, out);
+        return x86_64::attend(query, cache, out);
     }
-    crate::model::ops::attend_body(q, cache, cells, scale, batched, out)
+    crate::model::ops::attend_body(query, cache, out)
 }
 
 /// `g = silu(g) * u` as llama.cpp rounds it; see

@@ -583,16 +583,11 @@ pub(crate) fn softmax_row(x: &mut [f32], first: usize) {
 
 #[target_feature(enable = "avx2,fma,f16c")]
 fn attend_avx2(
-    q: &[f32],
+    query: crate::model::ops::HeadQuery<'_>,
     cache: crate::model::ops::HeadCache<'_>,
-    cells: std::ops::Range<usize>,
-    scale: crate::model::ops::AttnScale,
-    batched: bool,
     out: &mut [f32],
 ) {
-    crate::model::ops::attend_body_with(q, cache, cells, scale, batched, out, |h, f| {
-        widen_f16(h, f)
-    })
+    crate::model::ops::attend_body_with(query, cache, out, |h, f| widen_f16(h, f))
 }
 
 /// f16 to f32, eight at a time with F16C (exact, as every conversion).
@@ -615,16 +610,13 @@ fn widen_f16(src: &[half::f16], dst: &mut [f32]) {
 }
 
 pub(crate) fn attend(
-    q: &[f32],
+    query: crate::model::ops::HeadQuery<'_>,
     cache: crate::model::ops::HeadCache<'_>,
-    cells: std::ops::Range<usize>,
-    scale: crate::model::ops::AttnScale,
-    batched: bool,
     out: &mut [f32],
 ) {
     debug_assert!(super::avx2_available());
     // SAFETY: the dispatcher checked AVX2, FMA and F16C at run time.
-    unsafe { attend_avx2(q, cache, cells, scale, batched, out) }
+    unsafe { attend_avx2(query, cache, out) }
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]

@@ -382,18 +382,18 @@ impl Model {
                 Some(w) => (p + 1).saturating_sub(w),
                 None => 0,
             };
-            crate::cpu::attend(
-                &q[t * qd + head * hd..][..hd],
-                ops::HeadCache {
-                    k: &cache.k[kvh * hd..],
-                    v: &cache.v[kvh * hd..],
-                    stride: kvd,
-                },
-                first..p + 1,
+            let query = ops::HeadQuery {
+                q: &q[t * qd + head * hd..][..hd],
+                cells: first..p + 1,
                 scale,
                 batched,
-                out,
-            );
+            };
+            let head_cache = ops::HeadCache {
+                k: &cache.k[kvh * hd..],
+                v: &cache.v[kvh * hd..],
+                stride: kvd,
+            };
+            crate::cpu::attend(query, head_cache, out);
         });
         let mut o = vec![0f32; n * d];
         matmul_shared(&mut [(&l.wo, &mut o)], &attn, n, prompt);

@@ -86,6 +86,18 @@ pub struct HeadCache<'a> {
     pub stride: usize,
 }
 
+/// One query head's attention task: its query, the cache cells it attends
+/// to (causal and windowed masks are the caller's choice of cells), where
+/// the scale applies, and whether the token was computed in a prompt batch
+/// (see [`attend_body`]).
+#[derive(Clone, Debug)]
+pub struct HeadQuery<'a> {
+    pub q: &'a [f32],
+    pub cells: std::ops::Range<usize>,
+    pub scale: AttnScale,
+    pub batched: bool,
+}
+
 /// Where the attention scale applies: to the query before it is rounded to
 /// f16 (Gemma), or to the scores (llama).
 #[derive(Clone, Copy, Debug)]
@@ -109,31 +121,25 @@ pub enum AttnScale {
 /// (`cpu::attend`) vectorises it; the float operations and their order are
 /// the same in every build.
 #[inline(always)]
-pub fn attend_body(
-    q: &[f32],
-    cache: HeadCache<'_>,
-    cells: std::ops::Range<usize>,
-    scale: AttnScale,
-    batched: bool,
-    out: &mut [f32],
-) {
-    attend_body_with(q, cache, cells, scale, batched, out, |h, f| {
-        h.convert_to_f32_slice(f)
-    })
+pub fn attend_body(query: HeadQuery<'_>, cache: HeadCache<'_>, out: &mut [f32]) {
+    attend_body_with(query, cache, out, |h, f| h.convert_to_f32_slice(f))
 }
 
 /// [`attend_body`] with the f16-to-f32 widening of cache rows supplied by
 /// the caller (exact in any implementation; a SIMD build passes F16C's).
 #[inline(always)]
 pub fn attend_body_with(
-    q: &[f32],
+    query: HeadQuery<'_>,
     cache: HeadCache<'_>,
-    cells: std::ops::Range<usize>,
-    scale: AttnScale,
-    batched: bool,
     out: &mut [f32],
     widen: impl Fn(&[f16], &mut [f32]),
 ) {
+    let HeadQuery {
+        q,
+        cells,
+        scale,
+        batched,
+    } = query;
     const MAX: usize = super::MAX_HEAD_DIM;
     let hd = q.len();
     let (q_scale, scale) = match scale {
