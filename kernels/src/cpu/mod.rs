@@ -266,16 +266,5 @@ pub(crate) fn q6_k_block(acc: &mut [f32; 8], lanes: [i32; 8], dx: f32, dy: f32, 
     }
 }
 
-/// Softmax of an attention row starting at cache cell `first`, rounded as
-/// llama.cpp's CPU backend rounds it (see
-/// [`crate::model::ops::softmax_row_body`]).
-pub fn softmax_row(x: &mut [f32], first: usize) {
-    #[cfg(target_arch = "x86_64")]
-    if simd_enabled() {
-        return x86_64::softmax_row(x, first);
-    }
-    crate::model::ops::softmax_row_body(x, first)
-}
-
 #[cfg(test)]
 mod tests;

@@ -148,23 +148,53 @@ fn tiles_are_bit_identical_to_the_one_row_kernels() {
 }
 
 #[test]
-fn softmax_row_is_the_same_with_and_without_fma() {
+fn attention_is_the_same_with_and_without_avx2() {
+    // The AVX2+FMA build (FMA for the softmax's expf, F16C for the cache
+    // rows, eight-lane sums) must round exactly as the portable one.
     if !avx2_available() {
         return; // nothing to compare against: the portable path is the only one
     }
+    use crate::model::ops::{attend_body, AttnScale, HeadCache, HeadQuery};
+    use half::f16;
     let mut rng = Rng(7);
-    for len in [1usize, 2, 3, 5, 16, 17, 40, 100] {
-        for first in [0usize, 3, 15] {
-            let row: Vec<f32> = (0..len).map(|_| rng.f32() * 20.0 - 10.0).collect();
-            let mut a = row.clone();
-            let mut b = row.clone();
-            x86_64::softmax_row(&mut a, first);
-            crate::model::ops::softmax_row_body(&mut b, first);
-            let (ab, bb): (Vec<u32>, Vec<u32>) = (
-                a.iter().map(|v| v.to_bits()).collect(),
-                b.iter().map(|v| v.to_bits()).collect(),
-            );
-            assert_eq!(ab, bb, "len {len} first {first}: {a:?} vs {b:?}");
+    for hd in [64usize, 80, 256] {
+        let cells = 100;
+        let k: Vec<f16> = (0..cells * hd)
+            .map(|_| f16::from_f32(rng.f32() * 4.0 - 2.0))
+            .collect();
+        let v: Vec<f16> = (0..cells * hd)
+            .map(|_| f16::from_f32(rng.f32() * 4.0 - 2.0))
+            .collect();
+        let q: Vec<f32> = (0..hd).map(|_| rng.f32() * 8.0 - 4.0).collect();
+        for (range, batched) in [
+            (0..1, false),
+            (0..17, true),
+            (3..100, false),
+            (15..60, true),
+        ] {
+            for scale in [AttnScale::Scores(0.125), AttnScale::Query(0.0625)] {
+                let query = HeadQuery {
+                    q: &q,
+                    cells: range.clone(),
+                    scale,
+                    batched,
+                };
+                let cache = HeadCache {
+                    k: &k,
+                    v: &v,
+                    stride: hd,
+                };
+                let mut a = vec![0f32; hd];
+                let mut b = vec![0f32; hd];
+                x86_64::attend(query.clone(), cache, &mut a);
+                attend_body(query, cache, &mut b);
+                let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+                assert_eq!(
+                    bits(&a),
+                    bits(&b),
+                    "hd {hd}, cells {range:?}, batched {batched}"
+                );
+            }
         }
     }
 }

@@ -562,20 +562,6 @@ pub(crate) fn dot_rows4(
     }
 }
 
-// ggml's expf-based softmax, compiled with FMA so `mul_add` is one
-// instruction (without it, a libm call per operation).
-
-#[target_feature(enable = "avx2,fma,f16c")]
-fn softmax_row_fma(x: &mut [f32], first: usize) {
-    crate::model::ops::softmax_row_body(x, first)
-}
-
-pub(crate) fn softmax_row(x: &mut [f32], first: usize) {
-    debug_assert!(super::avx2_available());
-    // SAFETY: the dispatcher checked AVX2 and FMA at run time.
-    unsafe { softmax_row_fma(x, first) }
-}
-
 // Attention compiled for AVX2: the same code as the portable build, which
 // the compiler vectorises eight lanes wide (the dot products keep eight
 // partial sums, so no operation changes; Rust never fuses a multiply and
