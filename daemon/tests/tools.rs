@@ -59,6 +59,63 @@ fn generate_prints_exactly_the_generated_text() {
     assert_eq!(json["finish_reason"], "length");
 }
 
+/// Every case of the shared llama.cpp reference, through the binary as a
+/// user runs it: `primad generate` at temperature 0 prints exactly
+/// llama.cpp's text and reports exactly its token ids, on both models.
+#[test]
+fn generate_reproduces_every_shared_reference_case() {
+    if !prima_kernels::cpu::simd_enabled() {
+        // The portable kernels sum in ggml's reference order, not its x86
+        // order; the engine tests hold them to the near-tie rule instead.
+        eprintln!("PRIMA_SIMD=off: exact reference match is checked with the SIMD kernels only");
+        return;
+    }
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../kernels/tests/data/llama-cpp-reference.json");
+    let r: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let mut checked = 0;
+    for (model, m) in r["models"].as_object().unwrap() {
+        let file = models().join(model);
+        assert!(
+            file.exists(),
+            "{} missing: run scripts/fetch-models",
+            file.display()
+        );
+        for c in m["cases"].as_array().unwrap() {
+            let want_ids = &c["output_ids"];
+            let n = want_ids.as_array().unwrap().len().to_string();
+            let prompt = c["prompt"].as_str().unwrap();
+            let out = primad(&[
+                "generate",
+                "-m",
+                file.to_str().unwrap(),
+                "-p",
+                prompt,
+                "-n",
+                &n,
+                "--temperature",
+                "0",
+                "--ids",
+            ]);
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert!(out.status.success(), "{model} {prompt:?}: {stderr}");
+            let json: serde_json::Value =
+                serde_json::from_str(stderr.lines().rev().find(|l| l.starts_with('{')).unwrap())
+                    .unwrap();
+            assert_eq!(json["prompt_ids"], c["prompt_ids"], "{model} {prompt:?}");
+            assert_eq!(&json["output_ids"], want_ids, "{model} {prompt:?}");
+            assert_eq!(
+                String::from_utf8(out.stdout).unwrap(),
+                c["output"].as_str().unwrap(),
+                "{model} {prompt:?}"
+            );
+            checked += 1;
+        }
+    }
+    assert_eq!(checked, 6, "the reference has three cases per model");
+}
+
 #[test]
 fn generate_stops_at_stop_strings_and_chat_ends_at_end_of_turn() {
     let m = smol();

@@ -158,7 +158,7 @@ fn attention_is_the_same_with_and_without_avx2() {
     use half::f16;
     let mut rng = Rng(7);
     for hd in [64usize, 80, 256] {
-        let cells = 100;
+        let cells = 130;
         let k: Vec<f16> = (0..cells * hd)
             .map(|_| f16::from_f32(rng.f32() * 4.0 - 2.0))
             .collect();
@@ -166,18 +166,21 @@ fn attention_is_the_same_with_and_without_avx2() {
             .map(|_| f16::from_f32(rng.f32() * 4.0 - 2.0))
             .collect();
         let q: Vec<f32> = (0..hd).map(|_| rng.f32() * 8.0 - 4.0).collect();
-        for (range, batched) in [
+        for (range, tiled) in [
             (0..1, false),
             (0..17, true),
             (3..100, false),
             (15..60, true),
+            (0..100, true),
+            (70..130, true),
+            (60..130, false),
         ] {
             for scale in [AttnScale::Scores(0.125), AttnScale::Query(0.0625)] {
                 let query = HeadQuery {
                     q: &q,
                     cells: range.clone(),
                     scale,
-                    batched,
+                    tiled,
                 };
                 let cache = HeadCache {
                     k: &k,
@@ -192,7 +195,7 @@ fn attention_is_the_same_with_and_without_avx2() {
                 assert_eq!(
                     bits(&a),
                     bits(&b),
-                    "hd {hd}, cells {range:?}, batched {batched}"
+                    "hd {hd}, cells {range:?}, tiled {tiled}"
                 );
             }
         }

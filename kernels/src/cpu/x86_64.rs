@@ -563,9 +563,10 @@ pub(crate) fn dot_rows4(
 }
 
 // Attention compiled for AVX2: the same code as the portable build, which
-// the compiler vectorises eight lanes wide (the dot products keep eight
-// partial sums, so no operation changes; Rust never fuses a multiply and
-// an add on its own).
+// the compiler vectorises eight lanes wide (every sum keeps its order, and
+// Rust never fuses a multiply and an add on its own: the fused ones are
+// written as `mul_add`, which FMA turns into one instruction instead of a
+// call).
 
 #[target_feature(enable = "avx2,fma,f16c")]
 fn attend_avx2(
@@ -573,7 +574,28 @@ fn attend_avx2(
     cache: crate::model::ops::HeadCache<'_>,
     out: &mut [f32],
 ) {
-    crate::model::ops::attend_body_with(query, cache, out, |h, f| widen_f16(h, f))
+    crate::model::ops::attend_body_with(query, cache, out, |h, f| widen_f16(h, f), |x| round_f16(x))
+}
+
+/// Rounds f32 values to the nearest f16 (ties to even) in place, eight at
+/// a time with F16C; the same rounding as the portable conversion.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn round_f16(x: &mut [f32]) {
+    let n = x.len();
+    let mut i = 0;
+    while i + 8 <= n {
+        // SAFETY: i + 8 <= n, within the slice.
+        unsafe {
+            let p = x.as_mut_ptr().add(i);
+            let h = _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(_mm256_loadu_ps(p));
+            _mm256_storeu_ps(p, _mm256_cvtph_ps(h));
+        }
+        i += 8;
+    }
+    for v in &mut x[i..] {
+        *v = half::f16::from_f32(*v).to_f32();
+    }
 }
 
 /// f16 to f32, eight at a time with F16C (exact, as every conversion).

@@ -74,8 +74,7 @@ pub struct Hidden {
     /// order than a token decoded on its own (see [`ops::attend_body`]),
     /// and a token keeps its kind however it is batched later (verifying
     /// speculative drafts, resuming an answer, replaying a session on a new
-    /// ring), so that those give plain decoding's logits bit for bit. A
-    /// batch of one token is always computed as decoded.
+    /// ring), so that those give plain decoding's logits bit for bit.
     pub decoded_from: usize,
 }
 
@@ -376,7 +375,9 @@ impl Model {
         crate::cpu::pool::for_each_chunk_mut(crate::cpu::pool(), &mut attn, hd, |th, out| {
             let (t, head) = (th / c.n_head, th % c.n_head);
             let p = pos + t;
-            let batched = n > 1 && p < decoded_from;
+            // ggml's tiled flash attention took the prompt batch's tokens
+            // if the prompt had at least FA_TILE of them.
+            let tiled = p < decoded_from && prompt.1 >= ops::FA_TILE;
             let kvh = head / group;
             let first = match window {
                 Some(w) => (p + 1).saturating_sub(w),
@@ -386,7 +387,7 @@ impl Model {
                 q: &q[t * qd + head * hd..][..hd],
                 cells: first..p + 1,
                 scale,
-                batched,
+                tiled,
             };
             let head_cache = ops::HeadCache {
                 k: &cache.k[kvh * hd..],

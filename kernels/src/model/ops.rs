@@ -88,15 +88,21 @@ pub struct HeadCache<'a> {
 
 /// One query head's attention task: its query, the cache cells it attends
 /// to (causal and windowed masks are the caller's choice of cells), where
-/// the scale applies, and whether the token was computed in a prompt batch
-/// (see [`attend_body`]).
+/// the scale applies, and which of llama.cpp's flash-attention kernels the
+/// token went through (see [`attend_body`]).
 #[derive(Clone, Debug)]
 pub struct HeadQuery<'a> {
     pub q: &'a [f32],
     pub cells: std::ops::Range<usize>,
     pub scale: AttnScale,
-    pub batched: bool,
+    /// The token belongs to a prompt batch of at least [`FA_TILE`] tokens.
+    pub tiled: bool,
 }
+
+/// llama.cpp's flash-attention tile (`GGML_FA_TILE_Q`, `GGML_FA_TILE_KV`):
+/// a batch of at least this many tokens goes through its tiled kernel,
+/// which takes the cache in tiles of this many cells.
+pub const FA_TILE: usize = 64;
 
 /// Where the attention scale applies: to the query before it is rounded to
 /// f16 (Gemma), or to the scores (llama).
@@ -106,108 +112,200 @@ pub enum AttnScale {
     Scores(f32),
 }
 
-/// One query head's attention over the cache cells `cells` (causal and
-/// windowed masks are the caller's choice of cells), written to `out`.
+/// One query head's attention over the cache cells `cells`, written to
+/// `out`, rounded as llama.cpp's CPU flash attention (its default) rounds
+/// it. ggml has two kernels for it, and which one a token met depends on
+/// its batch (`ggml_compute_forward_flash_attn_ext_f16`):
 ///
-/// Rounded as llama.cpp's CPU backend computes it. The query is rounded to
-/// f16 to meet the f16 keys and the probabilities to f16 to meet the f16
-/// values, so every product is exact in f32 and only the order of the sums
-/// matters. That order depends on the batch, as in llama.cpp: a batch of
-/// several tokens (`batched`) goes through its tiled matmul, one token
-/// through its f16 dot product (see [`dot16`] and [`dot_f16`]). For the
-/// scores the terms run over the head dimension; for the output over the
-/// cache cells, counted from cell 0 (cells outside `cells` add zeros).
-/// `inline(always)` so that a caller compiled for wider vectors
+/// - `tiled` (a prompt batch of 64 tokens or more): the f32 query meets
+///   the cache in tiles of 64 cells counted from cell 0. Each score is one
+///   chain of fused multiply-adds over the head dimension. Per tile the
+///   running maximum moves (the output and the sum are rescaled by
+///   `expf(old - new)`), the tile's probabilities go through ggml's vector
+///   expf and are summed in 16-lane trees added in double, and the output
+///   gains `p * v` cell by cell, fused.
+/// - otherwise (single tokens, short prompts): online softmax cell by cell.
+///   The query is rounded to f16 and each score is ggml's f16 dot product
+///   ([`dot_f16`]); the running output is an f16 vector, rounded after
+///   every rescale and every fused `p * v`; the sum is `S*ms + vs`, fused.
+///
+/// Both end with the output times `1/S`. ggml's third path is not
+/// followed: a single token whose view of the cache (llama.cpp pads it to
+/// 256 cells) reaches 512 cells is split across threads and merged, so its
+/// rounding depends on llama.cpp's thread count.
+///
+/// `inline(always)` so that a caller compiled for wider vectors and FMA
 /// (`cpu::attend`) vectorises it; the float operations and their order are
 /// the same in every build.
 #[inline(always)]
 pub fn attend_body(query: HeadQuery<'_>, cache: HeadCache<'_>, out: &mut [f32]) {
-    attend_body_with(query, cache, out, |h, f| h.convert_to_f32_slice(f))
+    attend_body_with(
+        query,
+        cache,
+        out,
+        |h, f| h.convert_to_f32_slice(f),
+        |x| x.iter_mut().for_each(|v| *v = f16::from_f32(*v).to_f32()),
+    )
 }
 
-/// [`attend_body`] with the f16-to-f32 widening of cache rows supplied by
-/// the caller (exact in any implementation; a SIMD build passes F16C's).
+/// [`attend_body`] with the f16 conversions supplied by the caller: `widen`
+/// turns cache rows into f32 (exact in any implementation), `round` rounds
+/// f32 values to the nearest f16 in place (ties to even, as F16C does; a
+/// SIMD build passes F16C's).
 #[inline(always)]
 pub fn attend_body_with(
     query: HeadQuery<'_>,
     cache: HeadCache<'_>,
     out: &mut [f32],
     widen: impl Fn(&[f16], &mut [f32]),
+    round: impl Fn(&mut [f32]),
 ) {
     let HeadQuery {
         q,
         cells,
         scale,
-        batched,
+        tiled,
     } = query;
-    const MAX: usize = super::MAX_HEAD_DIM;
     let hd = q.len();
     let (q_scale, scale) = match scale {
         AttnScale::Query(s) => (s, 1.0),
         AttnScale::Scores(s) => (1.0, s),
     };
-    let mut qh = [0f32; MAX];
-    let qh = &mut qh[..hd];
-    for (d, &x) in qh.iter_mut().zip(q) {
-        *d = f16::from_f32(x * q_scale).to_f32();
+    let mut qs = [0f32; super::MAX_HEAD_DIM];
+    let qs = &mut qs[..hd];
+    for (d, &x) in qs.iter_mut().zip(q) {
+        *d = x * q_scale;
     }
-    let mut row = [0f32; MAX];
-    let row = &mut row[..hd];
-    let first = cells.start;
-    // llama.cpp's tiled matmul takes only lengths in whole 16-lane steps.
-    let tiled_scores = batched && hd.is_multiple_of(16);
-    // A plain loop, not an iterator's closure: a closure would not inherit
-    // the caller's target features, and the dot products run unvectorised.
-    let mut scores: Vec<f32> = Vec::with_capacity(cells.len());
-    for j in cells.clone() {
-        widen(&cache.k[j * cache.stride..][..hd], row);
-        let s = if tiled_scores {
-            dot16(row, qh)
-        } else {
-            dot_f16(row, qh)
-        };
-        scores.push(s * scale);
-    }
-    softmax_row_body(&mut scores, first);
-    // Running sums per output: `lanes[slot * hd + d]`, where the slot of a
-    // cell is its lane (tiled: cell % 16) or its register and lane (f16 dot:
-    // cell % 64, four registers of sixteen).
-    let slots = if batched { 16 } else { 64 };
-    let mut lanes = vec![0f32; slots * hd];
-    for (j, &pj) in cells.zip(&scores) {
-        let pj = f16::from_f32(pj).to_f32();
-        widen(&cache.v[j * cache.stride..][..hd], row);
-        let lane = &mut lanes[(j % slots) * hd..][..hd];
-        for (a, vv) in lane.iter_mut().zip(row.iter()) {
-            *a += pj * vv;
-        }
-    }
-    for (d, o) in out.iter_mut().enumerate() {
-        let mut x = [0f32; 16];
-        for (l, x) in x.iter_mut().enumerate() {
-            let at = |slot: usize| lanes[slot * hd + d];
-            *x = if batched {
-                at(l)
-            } else {
-                (at(l) + at(32 + l)) + (at(16 + l) + at(48 + l))
-            };
-        }
-        *o = reduce16(&x);
+    let out = &mut out[..hd];
+    if tiled {
+        attend_tiled(qs, cells, scale, cache, out, &widen);
+    } else {
+        round(qs);
+        attend_online(qs, cells, scale, cache, out, &widen, &round);
     }
 }
 
-/// Dot product summed as ggml's tiled matmul (llamafile's tinyBLAS, for
-/// batches) sums it: lane `i % 16` adds term `i` in turn, then the lanes
-/// go through [`reduce16`]. Lengths are whole multiples of 16.
+/// ggml's tiled flash attention for one query row (see [`attend_body`]).
+/// Plain loops, not iterator closures: a closure would not inherit the
+/// caller's target features.
 #[inline(always)]
-fn dot16(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 16];
-    for (x, y) in a.chunks_exact(16).zip(b.chunks_exact(16)) {
-        for ((s, x), y) in acc.iter_mut().zip(x).zip(y) {
-            *s += x * y;
+fn attend_tiled(
+    q: &[f32],
+    cells: std::ops::Range<usize>,
+    scale: f32,
+    cache: HeadCache<'_>,
+    out: &mut [f32],
+    widen: &impl Fn(&[f16], &mut [f32]),
+) {
+    const T: usize = FA_TILE;
+    let hd = q.len();
+    let mut row = [0f32; super::MAX_HEAD_DIM];
+    let row = &mut row[..hd];
+    // One tile's keys, transposed (`kt[d * T + cell]`), so that the score
+    // chains of a tile's cells run side by side in vector lanes.
+    let mut kt = vec![0f32; hd * T];
+    out.fill(0.0);
+    let (mut m, mut s) = (f32::NEG_INFINITY, 0f32);
+    let mut t0 = cells.start / T * T;
+    while t0 < cells.end {
+        let (lo, hi) = (cells.start.max(t0), cells.end.min(t0 + T));
+        let n = hi - lo;
+        for (c, j) in (lo..hi).enumerate() {
+            widen(&cache.k[j * cache.stride..][..hd], row);
+            for (d, &x) in row.iter().enumerate() {
+                kt[d * T + c] = x;
+            }
         }
+        let mut kq = [0f32; T];
+        let kq = &mut kq[..n];
+        for (d, &qd) in q.iter().enumerate() {
+            for (a, &k) in kq.iter_mut().zip(&kt[d * T..][..n]) {
+                *a = qd.mul_add(k, *a);
+            }
+        }
+        let mut tile_max = f32::NEG_INFINITY;
+        for a in kq.iter_mut() {
+            *a *= scale;
+            tile_max = tile_max.max(*a);
+        }
+        let m_new = m.max(tile_max);
+        if m_new > m {
+            let ms = (m - m_new).exp();
+            for o in out.iter_mut() {
+                *o *= ms;
+            }
+            s *= ms;
+        }
+        m = m_new;
+        // Probabilities at their slots in the tile (masked slots are 0).
+        let mut p = [0f32; T];
+        for (c, &a) in kq.iter().enumerate() {
+            p[lo - t0 + c] = ggml_expf(a - m);
+        }
+        let mut sum = 0f64;
+        for chunk in p.chunks_exact(16) {
+            sum += reduce16(chunk.try_into().expect("16 lanes")) as f64;
+        }
+        s = (s as f64 + sum) as f32;
+        for (c, j) in (lo..hi).enumerate() {
+            let pj = p[lo - t0 + c];
+            widen(&cache.v[j * cache.stride..][..hd], row);
+            for (o, &v) in out.iter_mut().zip(row.iter()) {
+                *o = pj.mul_add(v, *o);
+            }
+        }
+        t0 += T;
     }
-    reduce16(&acc)
+    let inv = if s == 0.0 { 0.0 } else { 1.0 / s };
+    for o in out.iter_mut() {
+        *o *= inv;
+    }
+}
+
+/// ggml's one-row flash attention with its f16 accumulator (see
+/// [`attend_body`]); `qh` is already rounded to f16.
+#[inline(always)]
+fn attend_online(
+    qh: &[f32],
+    cells: std::ops::Range<usize>,
+    scale: f32,
+    cache: HeadCache<'_>,
+    out: &mut [f32],
+    widen: &impl Fn(&[f16], &mut [f32]),
+    round: &impl Fn(&mut [f32]),
+) {
+    let hd = qh.len();
+    let mut row = [0f32; super::MAX_HEAD_DIM];
+    let row = &mut row[..hd];
+    out.fill(0.0);
+    let (mut m, mut s) = (f32::NEG_INFINITY, 0f32);
+    for j in cells {
+        widen(&cache.k[j * cache.stride..][..hd], row);
+        let x = dot_f16(row, qh) * scale;
+        let (ms, vs);
+        if x > m {
+            ms = (m - x).exp();
+            vs = 1.0;
+            m = x;
+            for o in out.iter_mut() {
+                *o *= ms;
+            }
+            round(out);
+        } else {
+            ms = 1.0;
+            vs = (x - m).exp();
+        }
+        widen(&cache.v[j * cache.stride..][..hd], row);
+        for (o, &v) in out.iter_mut().zip(row.iter()) {
+            *o = v.mul_add(vs, *o);
+        }
+        round(out);
+        s = s.mul_add(ms, vs);
+    }
+    let inv = if s == 0.0 { 0.0 } else { 1.0 / s };
+    for o in out.iter_mut() {
+        *o *= inv;
+    }
 }
 
 /// Dot product summed as ggml's `ggml_vec_dot_f16` sums it on AVX-512
