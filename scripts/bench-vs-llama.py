@@ -21,12 +21,15 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 PRIMAD = ROOT / "target/release/primad"
+FLASH_ATTN = True
 
 
 def llama_round(path, threads, pp, tg):
     from llama_cpp import Llama
+    # Flash attention on, as llama.cpp's CLI defaults to on CPUs and as
+    # prima computes attention (the same arithmetic, see ops::attend_body).
     llm = Llama(model_path=str(path), n_ctx=max(pp, tg) + 8, n_batch=512, n_threads=threads,
-                n_threads_batch=threads, verbose=False)
+                n_threads_batch=threads, verbose=False, flash_attn=FLASH_ATTN)
     text = b"The quick brown fox jumps over the lazy dog. Households own many devices. "
     base = llm.tokenize(text, add_bos=False)
     prompt = (base * (pp // len(base) + 1))[:pp]
@@ -73,7 +76,11 @@ def main():
     ap.add_argument("--gen-tokens", type=int, default=64)
     ap.add_argument("--load", action="store_true", help="also run 2 threads with core 1 kept busy")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--no-flash-attn", action="store_true",
+                    help="run llama.cpp without flash attention (its older default)")
     a = ap.parse_args()
+    global FLASH_ATTN
+    FLASH_ATTN = not a.no_flash_attn
     if not PRIMAD.exists():
         sys.exit("build primad first: cargo build --release -p primad")
     paths = dict(zip(a.models, subprocess.run([str(ROOT / "scripts/fetch-models"), *a.models], check=True,

@@ -204,6 +204,25 @@ pub fn attend(
     crate::model::ops::attend_body(query, cache, out)
 }
 
+/// One query head's attention for `q.len() / hd` tokens of a long prompt
+/// batch; see [`crate::model::ops::attend_tiled_rows_with`].
+pub fn attend_tiled_rows(
+    q: &[f32],
+    hd: usize,
+    cells: &(dyn Fn(usize) -> std::ops::Range<usize> + Sync),
+    scale: crate::model::ops::AttnScale,
+    cache: crate::model::ops::HeadCache<'_>,
+    out: &mut [f32],
+) {
+    #[cfg(target_arch = "x86_64")]
+    if simd_enabled() {
+        return x86_64::attend_tiled_rows(q, hd, cells, scale, cache, out);
+    }
+    crate::model::ops::attend_tiled_rows_with(q, hd, cells, scale, cache, out, |h, f| {
+        half::slice::HalfFloatSliceExt::convert_to_f32_slice(h, f)
+    })
+}
+
 /// `g = silu(g) * u` as llama.cpp rounds it; see
 /// [`crate::model::ops::swiglu_body`].
 pub fn swiglu(g: &mut [f32], u: &[f32]) {

@@ -201,3 +201,45 @@ fn attention_is_the_same_with_and_without_avx2() {
         }
     }
 }
+
+#[test]
+fn tiled_attention_over_many_rows_equals_each_row_alone() {
+    // Rows of one head share each tile's converted keys and values; each
+    // row's result must be what it gets alone, with windows that start and
+    // end in different tiles, in both builds.
+    use crate::model::ops::{attend_body, AttnScale, HeadCache, HeadQuery};
+    use half::f16;
+    let mut rng = Rng(11);
+    let (hd, cells) = (64usize, 200usize);
+    let k: Vec<f16> = (0..cells * hd)
+        .map(|_| f16::from_f32(rng.f32() * 4.0 - 2.0))
+        .collect();
+    let v: Vec<f16> = (0..cells * hd)
+        .map(|_| f16::from_f32(rng.f32() * 4.0 - 2.0))
+        .collect();
+    let rows = 70;
+    let q: Vec<f32> = (0..rows * hd).map(|_| rng.f32() * 8.0 - 4.0).collect();
+    let cache = HeadCache {
+        k: &k,
+        v: &v,
+        stride: hd,
+    };
+    // Row r is the token at position 100 + r with a window of 90 cells.
+    let range = |r: usize| (100 + r + 1).saturating_sub(90)..100 + r + 1;
+    for scale in [AttnScale::Scores(0.125), AttnScale::Query(0.0625)] {
+        let mut all = vec![0f32; rows * hd];
+        attend_tiled_rows(&q, hd, &range, scale, cache, &mut all);
+        for r in 0..rows {
+            let mut one = vec![0f32; hd];
+            let query = HeadQuery {
+                q: &q[r * hd..][..hd],
+                cells: range(r),
+                scale,
+                tiled: true,
+            };
+            attend_body(query, cache, &mut one);
+            let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&all[r * hd..][..hd]), bits(&one), "row {r}");
+        }
+    }
+}

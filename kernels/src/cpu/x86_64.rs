@@ -577,6 +577,33 @@ fn attend_avx2(
     crate::model::ops::attend_body_with(query, cache, out, |h, f| widen_f16(h, f), |x| round_f16(x))
 }
 
+#[target_feature(enable = "avx2,fma,f16c")]
+fn attend_tiled_rows_avx2(
+    q: &[f32],
+    hd: usize,
+    cells: &(dyn Fn(usize) -> std::ops::Range<usize> + Sync),
+    scale: crate::model::ops::AttnScale,
+    cache: crate::model::ops::HeadCache<'_>,
+    out: &mut [f32],
+) {
+    crate::model::ops::attend_tiled_rows_with(q, hd, cells, scale, cache, out, |h, f| {
+        widen_f16(h, f)
+    })
+}
+
+pub(crate) fn attend_tiled_rows(
+    q: &[f32],
+    hd: usize,
+    cells: &(dyn Fn(usize) -> std::ops::Range<usize> + Sync),
+    scale: crate::model::ops::AttnScale,
+    cache: crate::model::ops::HeadCache<'_>,
+    out: &mut [f32],
+) {
+    debug_assert!(super::avx2_available());
+    // SAFETY: the dispatcher checked AVX2, FMA and F16C at run time.
+    unsafe { attend_tiled_rows_avx2(q, hd, cells, scale, cache, out) }
+}
+
 /// Rounds f32 values to the nearest f16 (ties to even) in place, eight at
 /// a time with F16C; the same rounding as the portable conversion.
 #[inline]

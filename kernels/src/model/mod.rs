@@ -371,31 +371,59 @@ impl Model {
         let group = c.n_head / c.n_head_kv;
         let mut attn = vec![0f32; n * qd];
         let cache = &*cache;
-        let decoded_from = h.decoded_from;
-        crate::cpu::pool::for_each_chunk_mut(crate::cpu::pool(), &mut attn, hd, |th, out| {
-            let (t, head) = (th / c.n_head, th % c.n_head);
-            let p = pos + t;
-            // ggml's tiled flash attention took the prompt batch's tokens
-            // if the prompt had at least FA_TILE of them.
-            let tiled = p < decoded_from && prompt.1 >= ops::FA_TILE;
-            let kvh = head / group;
-            let first = match window {
-                Some(w) => (p + 1).saturating_sub(w),
-                None => 0,
-            };
-            let query = ops::HeadQuery {
-                q: &q[t * qd + head * hd..][..hd],
-                cells: first..p + 1,
-                scale,
-                tiled,
-            };
-            let head_cache = ops::HeadCache {
-                k: &cache.k[kvh * hd..],
-                v: &cache.v[kvh * hd..],
-                stride: kvd,
-            };
-            crate::cpu::attend(query, head_cache, out);
-        });
+        let cells = |p: usize| match window {
+            Some(w) => (p + 1).saturating_sub(w)..p + 1,
+            None => 0..p + 1,
+        };
+        let head_cache = |head: usize| ops::HeadCache {
+            k: &cache.k[head / group * hd..],
+            v: &cache.v[head / group * hd..],
+            stride: kvd,
+        };
+        // The prompt batch's tokens, if the prompt had at least FA_TILE of
+        // them, went through ggml's tiled flash attention: head by head,
+        // sharing each tile of the cache. The rest one by one.
+        let tiled = if prompt.1 >= ops::FA_TILE {
+            prompt.0
+        } else {
+            0
+        };
+        if tiled > 0 {
+            let mut heads = vec![0f32; c.n_head * tiled * hd];
+            crate::cpu::pool::for_each_chunk_mut(
+                crate::cpu::pool(),
+                &mut heads,
+                tiled * hd,
+                |head, out| {
+                    let mut qh = vec![0f32; tiled * hd];
+                    for (t, r) in qh.chunks_exact_mut(hd).enumerate() {
+                        r.copy_from_slice(&q[t * qd + head * hd..][..hd]);
+                    }
+                    let rows = |t: usize| cells(pos + t);
+                    crate::cpu::attend_tiled_rows(&qh, hd, &rows, scale, head_cache(head), out);
+                },
+            );
+            for (head, rows) in heads.chunks_exact(tiled * hd).enumerate() {
+                for (t, r) in rows.chunks_exact(hd).enumerate() {
+                    attn[t * qd + head * hd..][..hd].copy_from_slice(r);
+                }
+            }
+        }
+        crate::cpu::pool::for_each_chunk_mut(
+            crate::cpu::pool(),
+            &mut attn[tiled * qd..],
+            hd,
+            |th, out| {
+                let (t, head) = (tiled + th / c.n_head, th % c.n_head);
+                let query = ops::HeadQuery {
+                    q: &q[t * qd + head * hd..][..hd],
+                    cells: cells(pos + t),
+                    scale,
+                    tiled: false,
+                };
+                crate::cpu::attend(query, head_cache(head), out);
+            },
+        );
         let mut o = vec![0f32; n * d];
         matmul_shared(&mut [(&l.wo, &mut o)], &attn, n, prompt);
         self.used(&l.wo);

@@ -167,6 +167,10 @@ pub fn attend_body_with(
         tiled,
     } = query;
     let hd = q.len();
+    let out = &mut out[..hd];
+    if tiled {
+        return attend_tiled_rows_with(q, hd, |_| cells.clone(), scale, cache, out, widen);
+    }
     let (q_scale, scale) = match scale {
         AttnScale::Query(s) => (s, 1.0),
         AttnScale::Scores(s) => (1.0, s),
@@ -176,89 +180,122 @@ pub fn attend_body_with(
     for (d, &x) in qs.iter_mut().zip(q) {
         *d = x * q_scale;
     }
-    let out = &mut out[..hd];
-    if tiled {
-        attend_tiled(qs, cells, scale, cache, out, &widen);
-    } else {
-        round(qs);
-        attend_online(qs, cells, scale, cache, out, &widen, &round);
-    }
+    round(qs);
+    attend_online(qs, cells, scale, cache, out, &widen, &round);
 }
 
-/// ggml's tiled flash attention for one query row (see [`attend_body`]).
-/// Plain loops, not iterator closures: a closure would not inherit the
-/// caller's target features.
+/// One query head's attention for tokens of a prompt batch of at least
+/// [`FA_TILE`] tokens (ggml's tiled kernel, see [`attend_body`]): row `r`
+/// of `q` (rows `hd` wide) attends to the cells `cells(r)`, and its output
+/// goes to row `r` of `out`. The rows share each tile's keys and values,
+/// converted once, as llama.cpp's kernel shares them across its query
+/// tile; every row's arithmetic is its own. `scale` is applied here.
 #[inline(always)]
-fn attend_tiled(
+pub fn attend_tiled_rows_with(
     q: &[f32],
-    cells: std::ops::Range<usize>,
-    scale: f32,
+    hd: usize,
+    cells: impl Fn(usize) -> std::ops::Range<usize>,
+    scale: AttnScale,
     cache: HeadCache<'_>,
     out: &mut [f32],
-    widen: &impl Fn(&[f16], &mut [f32]),
+    widen: impl Fn(&[f16], &mut [f32]),
 ) {
     const T: usize = FA_TILE;
-    let hd = q.len();
-    let mut row = [0f32; super::MAX_HEAD_DIM];
-    let row = &mut row[..hd];
-    // One tile's keys, transposed (`kt[d * T + cell]`), so that the score
-    // chains of a tile's cells run side by side in vector lanes.
+    let rows = q.len() / hd;
+    let (q_scale, scale) = match scale {
+        AttnScale::Query(s) => (s, 1.0),
+        AttnScale::Scores(s) => (1.0, s),
+    };
+    let mut qs = vec![0f32; rows * hd];
+    for (d, &x) in qs.iter_mut().zip(q) {
+        *d = x * q_scale;
+    }
+    let (mut lo_all, mut hi_all) = (usize::MAX, 0);
+    for r in 0..rows {
+        let c = cells(r);
+        if !c.is_empty() {
+            lo_all = lo_all.min(c.start);
+            hi_all = hi_all.max(c.end);
+        }
+    }
+    // One tile's keys transposed (`kt[d * T + slot]`), so that the score
+    // chains of a tile's cells run side by side in vector lanes, and its
+    // values as rows (`vt[slot * hd + d]`).
     let mut kt = vec![0f32; hd * T];
-    out.fill(0.0);
-    let (mut m, mut s) = (f32::NEG_INFINITY, 0f32);
-    let mut t0 = cells.start / T * T;
-    while t0 < cells.end {
-        let (lo, hi) = (cells.start.max(t0), cells.end.min(t0 + T));
-        let n = hi - lo;
-        for (c, j) in (lo..hi).enumerate() {
-            widen(&cache.k[j * cache.stride..][..hd], row);
+    let mut vt = vec![0f32; T * hd];
+    let mut row = vec![0f32; hd];
+    let mut m = vec![f32::NEG_INFINITY; rows];
+    let mut s = vec![0f32; rows];
+    out[..rows * hd].fill(0.0);
+    let mut t0 = if lo_all == usize::MAX {
+        hi_all
+    } else {
+        lo_all / T * T
+    };
+    while t0 < hi_all {
+        let (lo, hi) = (lo_all.max(t0), hi_all.min(t0 + T));
+        for j in lo..hi {
+            let c = j - t0;
+            widen(&cache.k[j * cache.stride..][..hd], &mut row);
             for (d, &x) in row.iter().enumerate() {
                 kt[d * T + c] = x;
             }
+            widen(&cache.v[j * cache.stride..][..hd], &mut vt[c * hd..][..hd]);
         }
-        let mut kq = [0f32; T];
-        let kq = &mut kq[..n];
-        for (d, &qd) in q.iter().enumerate() {
-            for (a, &k) in kq.iter_mut().zip(&kt[d * T..][..n]) {
-                *a = qd.mul_add(k, *a);
+        for r in 0..rows {
+            let c = cells(r);
+            let (lo, hi) = (c.start.max(t0), c.end.min(t0 + T));
+            if lo >= hi {
+                continue;
             }
-        }
-        let mut tile_max = f32::NEG_INFINITY;
-        for a in kq.iter_mut() {
-            *a *= scale;
-            tile_max = tile_max.max(*a);
-        }
-        let m_new = m.max(tile_max);
-        if m_new > m {
-            let ms = (m - m_new).exp();
-            for o in out.iter_mut() {
-                *o *= ms;
+            let n = hi - lo;
+            let first = lo - t0;
+            let mut kq = [0f32; T];
+            let kq = &mut kq[..n];
+            for (d, &qd) in qs[r * hd..][..hd].iter().enumerate() {
+                for (a, &k) in kq.iter_mut().zip(&kt[d * T + first..][..n]) {
+                    *a = qd.mul_add(k, *a);
+                }
             }
-            s *= ms;
-        }
-        m = m_new;
-        // Probabilities at their slots in the tile (masked slots are 0).
-        let mut p = [0f32; T];
-        for (c, &a) in kq.iter().enumerate() {
-            p[lo - t0 + c] = ggml_expf(a - m);
-        }
-        let mut sum = 0f64;
-        for chunk in p.chunks_exact(16) {
-            sum += reduce16(chunk.try_into().expect("16 lanes")) as f64;
-        }
-        s = (s as f64 + sum) as f32;
-        for (c, j) in (lo..hi).enumerate() {
-            let pj = p[lo - t0 + c];
-            widen(&cache.v[j * cache.stride..][..hd], row);
-            for (o, &v) in out.iter_mut().zip(row.iter()) {
-                *o = pj.mul_add(v, *o);
+            let mut tile_max = f32::NEG_INFINITY;
+            for a in kq.iter_mut() {
+                *a *= scale;
+                tile_max = tile_max.max(*a);
+            }
+            let o = &mut out[r * hd..][..hd];
+            let m_new = m[r].max(tile_max);
+            if m_new > m[r] {
+                let ms = (m[r] - m_new).exp();
+                for o in o.iter_mut() {
+                    *o *= ms;
+                }
+                s[r] *= ms;
+            }
+            m[r] = m_new;
+            // Probabilities at their slots in the tile (masked slots are 0).
+            let mut p = [0f32; T];
+            for (c, &a) in kq.iter().enumerate() {
+                p[first + c] = ggml_expf(a - m_new);
+            }
+            let mut sum = 0f64;
+            for chunk in p.chunks_exact(16) {
+                sum += reduce16(chunk.try_into().expect("16 lanes")) as f64;
+            }
+            s[r] = (s[r] as f64 + sum) as f32;
+            for c in first..first + n {
+                let pc = p[c];
+                for (o, &v) in o.iter_mut().zip(&vt[c * hd..][..hd]) {
+                    *o = pc.mul_add(v, *o);
+                }
             }
         }
         t0 += T;
     }
-    let inv = if s == 0.0 { 0.0 } else { 1.0 / s };
-    for o in out.iter_mut() {
-        *o *= inv;
+    for r in 0..rows {
+        let inv = if s[r] == 0.0 { 0.0 } else { 1.0 / s[r] };
+        for o in out[r * hd..][..hd].iter_mut() {
+            *o *= inv;
+        }
     }
 }
 
