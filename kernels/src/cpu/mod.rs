@@ -190,6 +190,31 @@ pub fn dot_tile(ty: GgmlType, w: [&[u8]; 2], acts: &ActRows, t0: usize) -> Optio
     None
 }
 
+/// Four weight rows against every whole four of the activation rows
+/// (`out[weight row * acts.rows + token]`), bit-identical to [`vec_dot`]
+/// on each pair; returns the tokens done, 0 where there is no such tile
+/// (see [`has_tile4`]).
+#[inline]
+pub fn dot_rows4(ty: GgmlType, w: [&[u8]; 4], acts: &ActRows, out: &mut [f32]) -> usize {
+    #[cfg(target_arch = "x86_64")]
+    if simd_enabled() {
+        return x86_64_tile::rows4(ty, w, acts, out);
+    }
+    let _ = (ty, w, acts, out);
+    0
+}
+
+/// Whether weights of type `ty` have a four-row tile ([`dot_rows4`]) on
+/// this CPU.
+pub fn has_tile4(ty: GgmlType) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    if simd_enabled() {
+        return x86_64_tile::has_tile4(ty);
+    }
+    let _ = ty;
+    false
+}
+
 /// One query head's attention over cache cells `cells`; see
 /// [`crate::model::ops::attend_body`].
 pub fn attend(

@@ -243,3 +243,42 @@ fn tiled_attention_over_many_rows_equals_each_row_alone() {
         }
     }
 }
+
+#[test]
+fn four_row_tiles_are_bit_identical_to_the_one_row_kernels() {
+    if !avx2_available() || !x86_64_tile::quad_available() {
+        eprintln!("skipped: this CPU has no AVX-512 VNNI+VL+BW, so there are no four-row tiles");
+        return;
+    }
+    set_simd(true);
+    let mut rng = Rng(0x4a11_7e55);
+    for ty in [GgmlType::Q8_0, GgmlType::Q4_0, GgmlType::Q5_0] {
+        assert!(has_tile4(ty));
+        for n in [256usize, 640] {
+            let words: Vec<Vec<u32>> = (0..4).map(|_| random_weight(ty, n, &mut rng)).collect();
+            let w: [&[u8]; 4] = std::array::from_fn(|r| {
+                &bytemuck::cast_slice::<u32, u8>(&words[r])[..ty.row_bytes(n)]
+            });
+            // Extremes too: activations that quantise to +-127 everywhere.
+            let mut x: Vec<f32> = (0..8 * n).map(|_| rng.f32() * 4.0 - 1.0).collect();
+            x[..n]
+                .iter_mut()
+                .enumerate()
+                .for_each(|(i, v)| *v = if i % 2 == 0 { 3.0 } else { -3.0 });
+            let acts = ActRows::quantize(ty.vec_dot_type(), &x, 8, n);
+            let mut got = vec![0f32; 4 * 8];
+            assert_eq!(dot_rows4(ty, w, &acts, &mut got), 8, "{ty}: tokens done");
+            for (r, row) in got.chunks_exact(8).enumerate() {
+                for (t, g) in row.iter().enumerate() {
+                    let want = vec_dot(ty, w[r], &acts, t);
+                    assert_eq!(
+                        g.to_bits(),
+                        want.to_bits(),
+                        "{ty} n={n} weight row {r} token {t}: {g} vs {want}"
+                    );
+                }
+            }
+        }
+    }
+    assert!(!has_tile4(GgmlType::Q4_K));
+}

@@ -12,6 +12,11 @@
 //! Each kernel is built twice: for AVX2 (`maddubs` + `madd`) and for
 //! AVX-512 VNNI with VL (`vpdpbusd` in one instruction, and 32 vector
 //! registers, so a tile's accumulators need not spill).
+//!
+//! With AVX-512 VNNI, VL and BW the formats with one scale a block (Q8_0,
+//! Q4_0, Q5_0) go four weight rows at a time instead ([`quad`]): the rows
+//! are unpacked once for all the batch's tokens, to biased unsigned bytes
+//! that `vpdpbusd` takes as they are.
 
 use std::arch::x86_64::*;
 
@@ -259,6 +264,192 @@ macro_rules! tiles {
 
 tiles!(avx2, "avx2,fma,f16c", dot_u8_i8);
 tiles!(vnni, "avx2,fma,f16c,avx512vnni,avx512vl", dot_u8_i8_vnni);
+
+/// Four weight rows × four tokens for the signed formats against Q8_0,
+/// with AVX-512 VNNI, VL and BW. Weights are unpacked to unsigned bytes
+/// with a bias (`x + B`), so `vpdpbusd` multiplies them with the signed
+/// activations directly, starting from `-B · Σy` per lane, which leaves
+/// each lane's exact integer sum, the same as the sign trick's. Per
+/// (weight row, token) the float operations are the one-row kernel's.
+pub(super) mod quad {
+    use super::*;
+
+    /// `-bias · Σ y` over each lane's four bytes.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vnni,avx512vl")]
+    fn bias_terms(bias: __m256i, y: __m256i) -> __m256i {
+        let zero = _mm256_setzero_si256();
+        _mm256_sub_epi32(zero, _mm256_dpbusd_epi32(zero, bias, y))
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vnni,avx512vl")]
+    unsafe fn biased_q8_0(x: &BlockQ8_0) -> __m256i {
+        // SAFETY: the block holds 32 bytes of quants.
+        _mm256_xor_si256(unsafe { load(&x.qs) }, _mm256_set1_epi8(0x80u8 as i8))
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vnni,avx512vl")]
+    unsafe fn biased_q4_0(x: &BlockQ4_0) -> __m256i {
+        // SAFETY: qs is 16 bytes.
+        unsafe { nibbles(x.qs.as_ptr()) }
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vnni,avx512vl")]
+    unsafe fn biased_q5_0(x: &BlockQ5_0) -> __m256i {
+        // Value i is its nibble plus 16 where bit i of qh is set.
+        let high = _mm256_maskz_mov_epi8(u32::from_le_bytes(x.qh), _mm256_set1_epi8(0x10));
+        // SAFETY: qs is 16 bytes.
+        _mm256_or_si256(unsafe { nibbles(x.qs.as_ptr()) }, high)
+    }
+
+    /// Four weight rows, unpacked once (biased bytes and f32 scales, row
+    /// `r`'s block `i` at `r * nb + i`), against every whole four of
+    /// tokens; results to `out[r * n + token]`. Returns the tokens done.
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vnni,avx512vl")]
+    fn gemm4(
+        xu: &[__m256i],
+        xd: &[f32],
+        bias: u8,
+        acts: &[BlockQ8_0],
+        d: &[f32],
+        out: &mut [f32],
+    ) -> usize {
+        let nb = xd.len() / 4;
+        let rows = d.len() / nb;
+        let n = out.len() / 4;
+        let bias = _mm256_set1_epi8(bias as i8);
+        let pick = [
+            _mm256_set1_epi32(0),
+            _mm256_set1_epi32(1),
+            _mm256_set1_epi32(2),
+            _mm256_set1_epi32(3),
+        ];
+        let mut t0 = 0;
+        while t0 + 4 <= n {
+            let a: [&[BlockQ8_0]; 4] = [
+                &acts[t0 * nb..][..nb],
+                &acts[(t0 + 1) * nb..][..nb],
+                &acts[(t0 + 2) * nb..][..nb],
+                &acts[(t0 + 3) * nb..][..nb],
+            ];
+            let mut acc = [[_mm256_setzero_ps(); 4]; 4];
+            for i in 0..nb {
+                let yd = &d[i * rows + t0..][..4];
+                // SAFETY: four readable floats.
+                let yd = unsafe { _mm_loadu_ps(yd.as_ptr()) };
+                // SAFETY: Q8_0 blocks hold 32 bytes of quants.
+                let qy = unsafe {
+                    [
+                        load(&a[0][i].qs),
+                        load(&a[1][i].qs),
+                        load(&a[2][i].qs),
+                        load(&a[3][i].qs),
+                    ]
+                };
+                // Plain code, not `map`: a closure would not inherit the
+                // target features, and every call would stay a call.
+                let start = [
+                    bias_terms(bias, qy[0]),
+                    bias_terms(bias, qy[1]),
+                    bias_terms(bias, qy[2]),
+                    bias_terms(bias, qy[3]),
+                ];
+                for r in 0..4 {
+                    let x = xu[r * nb + i];
+                    // d(x) * d(y) for the four tokens, as the one-row kernel
+                    // multiplies them, then one lane broadcast per token.
+                    let s4 = _mm256_castps128_ps256(_mm_mul_ps(_mm_set1_ps(xd[r * nb + i]), yd));
+                    for t in 0..4 {
+                        let p = _mm256_dpbusd_epi32(start[t], x, qy[t]);
+                        let s = _mm256_permutevar8x32_ps(s4, pick[t]);
+                        acc[r][t] = _mm256_fmadd_ps(s, _mm256_cvtepi32_ps(p), acc[r][t]);
+                    }
+                }
+            }
+            for r in 0..4 {
+                for t in 0..4 {
+                    out[r * n + t0 + t] = hsum_ps(acc[r][t]);
+                }
+            }
+            t0 += 4;
+        }
+        t0
+    }
+
+    macro_rules! quad {
+        ($name:ident, $b:ty, $bias:expr, $unpack:ident) => {
+            #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vnni,avx512vl")]
+            pub(crate) fn $name(
+                w: [&[$b]; 4],
+                acts: &[BlockQ8_0],
+                d: &[f32],
+                out: &mut [f32],
+            ) -> usize {
+                let nb = w[0].len();
+                let mut xu = Vec::with_capacity(4 * nb);
+                let mut xd = Vec::with_capacity(4 * nb);
+                for row in w {
+                    for x in row {
+                        // SAFETY: the block is whole.
+                        xu.push(unsafe { $unpack(x) });
+                        xd.push(h(x.d));
+                    }
+                }
+                gemm4(&xu, &xd, $bias, acts, d, out)
+            }
+        };
+    }
+
+    quad!(q8_0, BlockQ8_0, 128u8, biased_q8_0);
+    quad!(q4_0, BlockQ4_0, 8u8, biased_q4_0);
+    quad!(q5_0, BlockQ5_0, 16u8, biased_q5_0);
+}
+
+/// Whether the four-row tiles can run: AVX-512 VNNI with VL and BW.
+pub(super) fn quad_available() -> bool {
+    static DETECTED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *DETECTED.get_or_init(|| vnni() && is_x86_feature_detected!("avx512bw"))
+}
+
+/// Four weight rows of type `ty` against every whole four of the
+/// activation rows, to `out[weight row * rows + token]`; returns the tokens
+/// done (0 where there is no four-row tile for the pair of formats or the
+/// CPU lacks what it needs).
+pub(crate) fn rows4(
+    ty: crate::quant::GgmlType,
+    w: [&[u8]; 4],
+    acts: &crate::quant::ActRows,
+    out: &mut [f32],
+) -> usize {
+    use crate::quant::{GgmlType as G, QuantActs as Q};
+    use bytemuck::cast_slice as c;
+    let sc = &acts.block_scales;
+    let (true, Q::Q8_0(a)) = (quad_available(), &acts.data) else {
+        return 0;
+    };
+    if sc.d.is_empty() {
+        return 0;
+    }
+    // SAFETY: AVX2, FMA and F16C were checked by the dispatcher, AVX-512
+    // F, BW, VNNI and VL just now; the slices carry their own bounds.
+    unsafe {
+        match ty {
+            G::Q8_0 => quad::q8_0(w.map(c), a, &sc.d, out),
+            G::Q4_0 => quad::q4_0(w.map(c), a, &sc.d, out),
+            G::Q5_0 => quad::q5_0(w.map(c), a, &sc.d, out),
+            _ => 0,
+        }
+    }
+}
+
+/// Whether [`rows4`] has a tile for weights of type `ty`.
+pub(crate) fn has_tile4(ty: crate::quant::GgmlType) -> bool {
+    use crate::quant::GgmlType as G;
+    quad_available() && matches!(ty, G::Q8_0 | G::Q4_0 | G::Q5_0)
+}
 
 /// Whether AVX-512 VNNI with VL is present.
 pub(super) fn vnni() -> bool {

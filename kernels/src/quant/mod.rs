@@ -276,6 +276,29 @@ impl BlockScales {
     }
 }
 
+/// `rows` rows of `x` quantised into blocks of `qk` values by `f`, the
+/// rows spread over the worker pool (each row's blocks are its own, so the
+/// result is the same however they are spread).
+fn quantize_rows<B: bytemuck::Zeroable + Clone + Send>(
+    x: &[f32],
+    rows: usize,
+    qk: usize,
+    f: fn(&[f32], &mut [B]),
+) -> Vec<B> {
+    let mut out = vec![B::zeroed(); x.len() / qk];
+    if rows <= 1 {
+        f(x, &mut out);
+        return out;
+    }
+    let per_row = out.len() / rows;
+    let chunk = per_row * rows.div_ceil(4 * crate::cpu::threads()).max(1);
+    crate::cpu::pool::for_each_chunk_mut(crate::cpu::pool(), &mut out, chunk, |c, o| {
+        let at = c * chunk * qk;
+        f(&x[at..at + o.len() * qk], o);
+    });
+    out
+}
+
 impl ActRows {
     /// Quantises `rows` rows of `cols` floats (row-major) into `ty`.
     pub fn quantize(ty: ActType, x: &[f32], rows: usize, cols: usize) -> Self {
@@ -285,19 +308,13 @@ impl ActRows {
             ActType::F16 => QuantActs::F16(x.iter().map(|&v| f16::from_f32(v)).collect()),
             ActType::BF16 => QuantActs::BF16(x.iter().map(|&v| bf16::from_f32(v)).collect()),
             ActType::Q8_0 => {
-                let mut out = vec![<BlockQ8_0 as bytemuck::Zeroable>::zeroed(); x.len() / QK8_0];
-                generic::quantize_row_q8_0(x, &mut out);
-                QuantActs::Q8_0(out)
+                QuantActs::Q8_0(quantize_rows(x, rows, QK8_0, generic::quantize_row_q8_0))
             }
             ActType::Q8_1 => {
-                let mut out = vec![<BlockQ8_1 as bytemuck::Zeroable>::zeroed(); x.len() / QK8_1];
-                generic::quantize_row_q8_1(x, &mut out);
-                QuantActs::Q8_1(out)
+                QuantActs::Q8_1(quantize_rows(x, rows, QK8_1, generic::quantize_row_q8_1))
             }
             ActType::Q8_K => {
-                let mut out = vec![<BlockQ8K as bytemuck::Zeroable>::zeroed(); x.len() / QK_K];
-                generic::quantize_row_q8_k(x, &mut out);
-                QuantActs::Q8_K(out)
+                QuantActs::Q8_K(quantize_rows(x, rows, QK_K, generic::quantize_row_q8_k))
             }
         };
         let block_scales = match &data {
