@@ -128,8 +128,19 @@ impl Weight {
         let chunk = (self.rows / (pool.threads() * 8)).clamp(16, 1024);
         if n == 1 {
             for_each_chunk_mut(pool, out, chunk, |c, o| {
-                for (i, v) in o.iter_mut().enumerate() {
-                    *v = crate::cpu::vec_dot(self.ty, self.row(c * chunk + i), acts, 0);
+                // Rows in fours where there is a kernel for it (the
+                // activation row loaded once for four), the rest one by one.
+                let mut i = 0;
+                while i + 4 <= o.len() {
+                    let w = std::array::from_fn(|k| self.row(c * chunk + i + k));
+                    let Some(r) = crate::cpu::vec_dot4(self.ty, w, acts, 0) else {
+                        break;
+                    };
+                    o[i..i + 4].copy_from_slice(&r);
+                    i += 4;
+                }
+                for (k, v) in o[i..].iter_mut().enumerate() {
+                    *v = crate::cpu::vec_dot(self.ty, self.row(c * chunk + i + k), acts, 0);
                 }
             });
             return;

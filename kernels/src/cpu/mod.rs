@@ -159,6 +159,19 @@ pub fn vec_dot(ty: GgmlType, w: &[u8], acts: &ActRows, row: usize) -> f32 {
     quant::vec_dot(ty, w, acts, row)
 }
 
+/// Dot products of four weight rows with activation row `row`,
+/// bit-identical to [`vec_dot`] on each; `None` where there is no
+/// four-row kernel for the formats on this CPU (the caller goes row by row).
+#[inline]
+pub fn vec_dot4(ty: GgmlType, w: [&[u8]; 4], acts: &ActRows, row: usize) -> Option<[f32; 4]> {
+    #[cfg(target_arch = "x86_64")]
+    if simd_enabled() {
+        return x86_64_tile::gemv4(ty, w, acts, row);
+    }
+    let _ = (ty, w, acts, row);
+    None
+}
+
 /// Dot products of one weight row with activation rows `t0..t0 + out.len()`
 /// (up to four), written to `out`. Uses a kernel that unpacks each weight
 /// block once for all rows where there is one.

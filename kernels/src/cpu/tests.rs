@@ -282,3 +282,43 @@ fn four_row_tiles_are_bit_identical_to_the_one_row_kernels() {
     }
     assert!(!has_tile4(GgmlType::Q4_K));
 }
+
+#[test]
+fn four_row_decoding_kernels_are_bit_identical_to_the_one_row_kernels() {
+    if !avx2_available() || !x86_64_tile::quad_available() {
+        eprintln!("skipped: this CPU has no AVX-512 VNNI+VL+BW, so there are no four-row kernels");
+        return;
+    }
+    set_simd(true);
+    let mut rng = Rng(0x6e3d_0004);
+    for ty in [
+        GgmlType::Q8_0,
+        GgmlType::Q4_0,
+        GgmlType::Q5_0,
+        GgmlType::Q4_1,
+    ] {
+        for n in [256usize, 576, 640] {
+            let words: Vec<Vec<u32>> = (0..4).map(|_| random_weight(ty, n, &mut rng)).collect();
+            let w: [&[u8]; 4] = std::array::from_fn(|r| {
+                &bytemuck::cast_slice::<u32, u8>(&words[r])[..ty.row_bytes(n)]
+            });
+            let mut x: Vec<f32> = (0..2 * n).map(|_| rng.f32() * 4.0 - 1.0).collect();
+            x[n..]
+                .iter_mut()
+                .enumerate()
+                .for_each(|(i, v)| *v = if i % 3 == 0 { 5.0 } else { -5.0 });
+            let acts = ActRows::quantize(ty.vec_dot_type(), &x, 2, n);
+            for row in 0..2 {
+                let got = vec_dot4(ty, w, &acts, row).unwrap_or_else(|| panic!("{ty}: no kernel"));
+                for (r, g) in got.iter().enumerate() {
+                    let want = vec_dot(ty, w[r], &acts, row);
+                    assert_eq!(
+                        g.to_bits(),
+                        want.to_bits(),
+                        "{ty} n={n} weight row {r} token {row}: {g} vs {want}"
+                    );
+                }
+            }
+        }
+    }
+}
