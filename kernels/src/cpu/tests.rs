@@ -244,21 +244,38 @@ fn tiled_attention_over_many_rows_equals_each_row_alone() {
     }
 }
 
-#[test]
-fn four_row_tiles_are_bit_identical_to_the_one_row_kernels() {
+/// Whether this CPU has the four-row kernels (AVX-512 VNNI+VL+BW); turns
+/// the SIMD kernels on if so, says why the test is skipped if not.
+fn four_row_kernels() -> bool {
     if !avx2_available() || !x86_64_tile::quad_available() {
-        eprintln!("skipped: this CPU has no AVX-512 VNNI+VL+BW, so there are no four-row tiles");
-        return;
+        eprintln!("skipped: this CPU has no AVX-512 VNNI+VL+BW, so there are no four-row kernels");
+        return false;
     }
     set_simd(true);
+    true
+}
+
+/// Four random weight rows of `ty`, `n` wide, as words (see [`four_rows`]).
+fn random_rows(ty: GgmlType, n: usize, rng: &mut Rng) -> Vec<Vec<u32>> {
+    (0..4).map(|_| random_weight(ty, n, rng)).collect()
+}
+
+/// The rows' bytes.
+fn four_rows(words: &[Vec<u32>], ty: GgmlType, n: usize) -> [&[u8]; 4] {
+    std::array::from_fn(|r| &bytemuck::cast_slice::<u32, u8>(&words[r])[..ty.row_bytes(n)])
+}
+
+#[test]
+fn four_row_tiles_are_bit_identical_to_the_one_row_kernels() {
+    if !four_row_kernels() {
+        return;
+    }
     let mut rng = Rng(0x4a11_7e55);
     for ty in [GgmlType::Q8_0, GgmlType::Q4_0, GgmlType::Q5_0] {
         assert!(has_tile4(ty));
         for n in [256usize, 640] {
-            let words: Vec<Vec<u32>> = (0..4).map(|_| random_weight(ty, n, &mut rng)).collect();
-            let w: [&[u8]; 4] = std::array::from_fn(|r| {
-                &bytemuck::cast_slice::<u32, u8>(&words[r])[..ty.row_bytes(n)]
-            });
+            let words = random_rows(ty, n, &mut rng);
+            let w = four_rows(&words, ty, n);
             // Extremes too: activations that quantise to +-127 everywhere.
             let mut x: Vec<f32> = (0..8 * n).map(|_| rng.f32() * 4.0 - 1.0).collect();
             x[..n]
@@ -285,11 +302,9 @@ fn four_row_tiles_are_bit_identical_to_the_one_row_kernels() {
 
 #[test]
 fn four_row_decoding_kernels_are_bit_identical_to_the_one_row_kernels() {
-    if !avx2_available() || !x86_64_tile::quad_available() {
-        eprintln!("skipped: this CPU has no AVX-512 VNNI+VL+BW, so there are no four-row kernels");
+    if !four_row_kernels() {
         return;
     }
-    set_simd(true);
     let mut rng = Rng(0x6e3d_0004);
     for ty in [
         GgmlType::Q8_0,
@@ -298,10 +313,8 @@ fn four_row_decoding_kernels_are_bit_identical_to_the_one_row_kernels() {
         GgmlType::Q4_1,
     ] {
         for n in [256usize, 576, 640] {
-            let words: Vec<Vec<u32>> = (0..4).map(|_| random_weight(ty, n, &mut rng)).collect();
-            let w: [&[u8]; 4] = std::array::from_fn(|r| {
-                &bytemuck::cast_slice::<u32, u8>(&words[r])[..ty.row_bytes(n)]
-            });
+            let words = random_rows(ty, n, &mut rng);
+            let w = four_rows(&words, ty, n);
             let mut x: Vec<f32> = (0..2 * n).map(|_| rng.f32() * 4.0 - 1.0).collect();
             x[n..]
                 .iter_mut()

@@ -76,6 +76,19 @@ fn lanes(v: __m128) -> [f32; 4] {
     out
 }
 
+/// Index vectors that broadcast lane 0, 1, 2 or 3 of a register with
+/// `_mm256_permutevar8x32_ps`.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn lane_picks() -> [__m256i; 4] {
+    [
+        _mm256_set1_epi32(0),
+        _mm256_set1_epi32(1),
+        _mm256_set1_epi32(2),
+        _mm256_set1_epi32(3),
+    ]
+}
+
 macro_rules! tiles {
     ($m:ident, $feat:literal, $dot:ident) => {
         pub(super) mod $m {
@@ -321,12 +334,7 @@ pub(super) mod quad {
         let rows = d.len() / nb;
         let n = out.len() / 4;
         let bias = _mm256_set1_epi8(bias as i8);
-        let pick = [
-            _mm256_set1_epi32(0),
-            _mm256_set1_epi32(1),
-            _mm256_set1_epi32(2),
-            _mm256_set1_epi32(3),
-        ];
+        let pick = lane_picks();
         let mut t0 = 0;
         while t0 + 4 <= n {
             let a: [&[BlockQ8_0]; 4] = [
@@ -438,8 +446,8 @@ pub(super) mod gemv {
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vnni,avx512vl")]
     fn four(h: [half::f16; 4]) -> __m128 {
-        let bits = h.map(|v| v.to_bits() as u64);
-        let packed = bits[0] | bits[1] << 16 | bits[2] << 32 | bits[3] << 48;
+        let b = |i: usize| h[i].to_bits() as u64;
+        let packed = b(0) | b(1) << 16 | b(2) << 32 | b(3) << 48;
         _mm_cvtph_ps(_mm_set_epi64x(0, packed as i64))
     }
 
@@ -448,12 +456,7 @@ pub(super) mod gemv {
             #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vnni,avx512vl")]
             pub(crate) fn $name(w: [&[$b]; 4], a: &[BlockQ8_0]) -> [f32; 4] {
                 let bias = _mm256_set1_epi8($bias as u8 as i8);
-                let pick = [
-                    _mm256_set1_epi32(0),
-                    _mm256_set1_epi32(1),
-                    _mm256_set1_epi32(2),
-                    _mm256_set1_epi32(3),
-                ];
+                let pick = lane_picks();
                 let mut acc = [_mm256_setzero_ps(); 4];
                 let next = (w[3].as_ptr_range().end as *const u8)
                     .wrapping_add(PREFETCH_QUADS * 4 * std::mem::size_of_val(w[3]));
@@ -491,12 +494,7 @@ pub(super) mod gemv {
     /// the activation block's sum goes to its own running sum per row.
     #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vnni,avx512vl")]
     pub(crate) fn q4_1(w: [&[BlockQ4_1]; 4], a: &[BlockQ8_1]) -> [f32; 4] {
-        let pick = [
-            _mm256_set1_epi32(0),
-            _mm256_set1_epi32(1),
-            _mm256_set1_epi32(2),
-            _mm256_set1_epi32(3),
-        ];
+        let pick = lane_picks();
         let mut acc = [_mm256_setzero_ps(); 4];
         let mut summs = _mm_setzero_ps();
         let next = (w[3].as_ptr_range().end as *const u8)
