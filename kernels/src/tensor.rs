@@ -148,21 +148,21 @@ impl Weight {
         // Compute transposed ([row][token]) so that tasks own contiguous
         // output, then transpose back.
         let mut tmp = vec![0f32; n * self.rows];
-        // Weight rows go in pairs, tokens in fours, where there is a tile
-        // kernel for the format; the rest row by row.
-        // Where the CPU has four-row tiles for the format, rows go in fours.
+        // Weight rows go in fours (where the CPU has four-row tiles for the
+        // format) or pairs, tokens in fours, where there is a tile kernel
+        // for the format; the rest row by row.
         let quad = crate::cpu::has_tile4(self.ty);
         let group = if quad { 4 } else { 2 };
         for_each_chunk_mut(pool, &mut tmp, chunk * n, |c, o| {
-            for (p, pair) in o.chunks_mut(group * n).enumerate() {
+            for (p, rows) in o.chunks_mut(group * n).enumerate() {
                 let r0 = c * chunk + group * p;
                 let mut done = 0;
-                if quad && pair.len() == 4 * n {
+                if quad && rows.len() == 4 * n {
                     let w = std::array::from_fn(|i| self.row(r0 + i));
-                    done = crate::cpu::dot_rows4(self.ty, w, acts, pair);
-                } else if !quad && pair.len() == 2 * n {
+                    done = crate::cpu::dot_rows4(self.ty, w, acts, rows);
+                } else if !quad && rows.len() == 2 * n {
                     let w = [self.row(r0), self.row(r0 + 1)];
-                    let (a, b) = pair.split_at_mut(n);
+                    let (a, b) = rows.split_at_mut(n);
                     while done + 4 <= n {
                         let Some(t) = crate::cpu::dot_tile(self.ty, w, acts, done) else {
                             break;
@@ -172,7 +172,7 @@ impl Weight {
                         done += 4;
                     }
                 }
-                for (i, orow) in pair.chunks_exact_mut(n).enumerate() {
+                for (i, orow) in rows.chunks_exact_mut(n).enumerate() {
                     let w = self.row(r0 + i);
                     for (g, group) in orow[done..].chunks_mut(4).enumerate() {
                         crate::cpu::vec_dot_rows(self.ty, w, acts, done + 4 * g, group);

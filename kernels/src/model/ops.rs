@@ -112,6 +112,16 @@ pub enum AttnScale {
     Scores(f32),
 }
 
+impl AttnScale {
+    /// The factors for the query and for the scores (one of them 1).
+    pub fn factors(self) -> (f32, f32) {
+        match self {
+            AttnScale::Query(s) => (s, 1.0),
+            AttnScale::Scores(s) => (1.0, s),
+        }
+    }
+}
+
 /// One query head's attention over the cache cells `cells`, written to
 /// `out`, rounded as llama.cpp's CPU flash attention (its default) rounds
 /// it. ggml has two kernels for it, and which one a token met depends on
@@ -171,10 +181,7 @@ pub fn attend_body_with(
     if tiled {
         return attend_tiled_rows_with(q, hd, |_| cells.clone(), scale, cache, out, widen);
     }
-    let (q_scale, scale) = match scale {
-        AttnScale::Query(s) => (s, 1.0),
-        AttnScale::Scores(s) => (1.0, s),
-    };
+    let (q_scale, scale) = scale.factors();
     let mut qs = [0f32; super::MAX_HEAD_DIM];
     let qs = &mut qs[..hd];
     for (d, &x) in qs.iter_mut().zip(q) {
@@ -202,10 +209,7 @@ pub fn attend_tiled_rows_with(
 ) {
     const T: usize = FA_TILE;
     let rows = q.len() / hd;
-    let (q_scale, scale) = match scale {
-        AttnScale::Query(s) => (s, 1.0),
-        AttnScale::Scores(s) => (1.0, s),
-    };
+    let (q_scale, scale) = scale.factors();
     let mut qs = vec![0f32; rows * hd];
     for (d, &x) in qs.iter_mut().zip(q) {
         *d = x * q_scale;
