@@ -159,17 +159,20 @@ pub fn vec_dot(ty: GgmlType, w: &[u8], acts: &ActRows, row: usize) -> f32 {
     quant::vec_dot(ty, w, acts, row)
 }
 
-/// Dot products of four weight rows with activation row `row`,
-/// bit-identical to [`vec_dot`] on each; `None` where there is no
-/// four-row kernel for the formats on this CPU (the caller goes row by row).
+/// Weight rows of type `ty` (one after another in `w`) against activation
+/// row `row`, one result per row to `out`, bit-identical to [`vec_dot`]
+/// on each. Rows go four to a call of a kernel that loads each activation
+/// block once for four; returns how many leading rows were done (a
+/// multiple of four, 0 where there is no such kernel for the formats on
+/// this CPU); the caller does the rest row by row.
 #[inline]
-pub fn vec_dot4(ty: GgmlType, w: [&[u8]; 4], acts: &ActRows, row: usize) -> Option<[f32; 4]> {
+pub fn gemv_rows(ty: GgmlType, w: &[u8], acts: &ActRows, row: usize, out: &mut [f32]) -> usize {
     #[cfg(target_arch = "x86_64")]
     if simd_enabled() {
-        return x86_64_tile::gemv4(ty, w, acts, row);
+        return x86_64_tile::gemv_rows(ty, w, acts, row, out);
     }
-    let _ = (ty, w, acts, row);
-    None
+    let _ = (ty, w, acts, row, out);
+    0
 }
 
 /// Dot products of one weight row with activation rows `t0..t0 + out.len()`

@@ -453,6 +453,7 @@ pub(super) mod gemv {
 
     macro_rules! gemv {
         ($name:ident, $b:ty, $bias:expr, $unpack:ident) => {
+            #[inline]
             #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vnni,avx512vl")]
             pub(crate) fn $name(w: [&[$b]; 4], a: &[BlockQ8_0]) -> [f32; 4] {
                 let bias = _mm256_set1_epi8($bias as u8 as i8);
@@ -490,66 +491,170 @@ pub(super) mod gemv {
     gemv!(q4_0, BlockQ4_0, 8u8, biased_q4_0);
     gemv!(q5_0, BlockQ5_0, 16u8, biased_q5_0);
 
-    /// Q4_1 against Q8_1: nibbles are unsigned already; the minimum times
-    /// the activation block's sum goes to its own running sum per row.
+    /// The (scale, min) or (scale, sum) f16 pair at the head of a Q4_1 or
+    /// Q8_1 block, as one 32-bit word (scale in the low half).
+    #[inline]
+    fn head<T>(b: &T) -> i32 {
+        // SAFETY: both block types start with their two f16s (repr(C),
+        // size asserted in `blocks`), so the first four bytes are readable.
+        unsafe { (b as *const T as *const i32).read_unaligned() }
+    }
+
+    /// Q4_1 against Q8_1, four rows to a pair of 512-bit registers: the
+    /// rows' 16 bytes of nibbles side by side, their low nibbles in one
+    /// register (against the activation's first 16 bytes in every 128-bit
+    /// lane), their high nibbles in the other (against its last 16). Each
+    /// row's eight i32 lanes (four in each register, at the row's place),
+    /// their conversion and their fused multiply-add by the block scale are
+    /// the one-row kernel's in other lanes, so every lane sums the same
+    /// values in the same order. The minimum times the activation block's
+    /// sum goes to a running sum per row, from the same product
+    /// `[d·d', m·s']` the one-row kernel forms.
+    #[inline]
     #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vnni,avx512vl")]
     pub(crate) fn q4_1(w: [&[BlockQ4_1]; 4], a: &[BlockQ8_1]) -> [f32; 4] {
-        let pick = lane_picks();
-        let mut acc = [_mm256_setzero_ps(); 4];
-        let mut summs = _mm_setzero_ps();
+        // From [d0·d', m0·s', d1·d', m1·s', ...]: row k's scale in the
+        // four lanes of row k.
+        let pick = _mm512_set_epi32(6, 6, 6, 6, 4, 4, 4, 4, 2, 2, 2, 2, 0, 0, 0, 0);
+        let low = _mm512_set1_epi8(0x0f);
+        let mut lo_acc = _mm512_setzero_ps();
+        let mut hi_acc = _mm512_setzero_ps();
+        let mut summs = _mm256_setzero_ps();
         let next = (w[3].as_ptr_range().end as *const u8)
             .wrapping_add(PREFETCH_QUADS * 4 * std::mem::size_of_val(w[3]));
-        for (i, y) in a.iter().enumerate() {
+        let n = a
+            .len()
+            .min(w[0].len())
+            .min(w[1].len())
+            .min(w[2].len())
+            .min(w[3].len());
+        for i in 0..n {
             prefetch(next, i);
-            // SAFETY: Q8_1 blocks hold 32 bytes of quants.
-            let qy = unsafe { load(&y.qs) };
-            let xd = four([w[0][i].d, w[1][i].d, w[2][i].d, w[3][i].d]);
-            let xm = four([w[0][i].m, w[1][i].m, w[2][i].m, w[3][i].m]);
-            let d4 = _mm256_castps128_ps256(_mm_mul_ps(xd, _mm_set1_ps(h(y.d))));
-            summs = _mm_add_ps(summs, _mm_mul_ps(xm, _mm_set1_ps(h(y.s))));
-            for r in 0..4 {
-                // SAFETY: qs is 16 bytes.
-                let xu = unsafe { nibbles(w[r][i].qs.as_ptr()) };
-                let p = _mm256_dpbusd_epi32(_mm256_setzero_si256(), xu, qy);
-                let s = _mm256_permutevar8x32_ps(d4, pick[r]);
-                acc[r] = _mm256_fmadd_ps(s, _mm256_cvtepi32_ps(p), acc[r]);
-            }
+            let y = &a[i];
+            let yq = y.qs.as_ptr() as *const __m128i;
+            // SAFETY: Q8_1 blocks hold 32 bytes of quants, read as two 16s.
+            let (ylo, yhi) = unsafe {
+                (
+                    _mm512_broadcast_i32x4(_mm_loadu_si128(yq)),
+                    _mm512_broadcast_i32x4(_mm_loadu_si128(yq.wrapping_add(1))),
+                )
+            };
+            let dsy = _mm256_cvtph_ps(_mm_set1_epi32(head(y)));
+            let xdm = _mm_set_epi32(
+                head(&w[3][i]),
+                head(&w[2][i]),
+                head(&w[1][i]),
+                head(&w[0][i]),
+            );
+            let ds = _mm256_mul_ps(_mm256_cvtph_ps(xdm), dsy);
+            summs = _mm256_add_ps(summs, ds);
+            let scale = _mm512_permutexvar_ps(pick, _mm512_castps256_ps512(ds));
+            let qs = [
+                w[0][i].qs.as_ptr(),
+                w[1][i].qs.as_ptr(),
+                w[2][i].qs.as_ptr(),
+                w[3][i].qs.as_ptr(),
+            ]
+            .map(|p| p as *const __m128i);
+            // SAFETY: qs is 16 bytes in each block.
+            let x = unsafe {
+                _mm512_inserti64x4(
+                    _mm512_castsi256_si512(_mm256_set_m128i(
+                        _mm_loadu_si128(qs[1]),
+                        _mm_loadu_si128(qs[0]),
+                    )),
+                    _mm256_set_m128i(_mm_loadu_si128(qs[3]), _mm_loadu_si128(qs[2])),
+                    1,
+                )
+            };
+            let xl = _mm512_and_si512(x, low);
+            let xh = _mm512_and_si512(_mm512_srli_epi16(x, 4), low);
+            let zero = _mm512_setzero_si512();
+            let pl = _mm512_dpbusd_epi32(zero, xl, ylo);
+            let ph = _mm512_dpbusd_epi32(zero, xh, yhi);
+            lo_acc = _mm512_fmadd_ps(scale, _mm512_cvtepi32_ps(pl), lo_acc);
+            hi_acc = _mm512_fmadd_ps(scale, _mm512_cvtepi32_ps(ph), hi_acc);
         }
-        let m = lanes(summs);
-        [
-            hsum_ps(acc[0]) + m[0],
-            hsum_ps(acc[1]) + m[1],
-            hsum_ps(acc[2]) + m[2],
-            hsum_ps(acc[3]) + m[3],
-        ]
+        let mut m = [0f32; 8];
+        let mut lo = [0f32; 16];
+        let mut hi = [0f32; 16];
+        // SAFETY: the arrays are 8, 16 and 16 writable floats.
+        unsafe {
+            _mm256_storeu_ps(m.as_mut_ptr(), summs);
+            _mm512_storeu_ps(lo.as_mut_ptr(), lo_acc);
+            _mm512_storeu_ps(hi.as_mut_ptr(), hi_acc);
+        }
+        let mut out = [0f32; 4];
+        for (k, o) in out.iter_mut().enumerate() {
+            // Row k's eight lanes in the one-row kernel's order.
+            // SAFETY: 4k + 4 <= 16 floats of each array.
+            let v = unsafe {
+                _mm256_set_m128(
+                    _mm_loadu_ps(hi.as_ptr().add(4 * k)),
+                    _mm_loadu_ps(lo.as_ptr().add(4 * k)),
+                )
+            };
+            *o = hsum_ps(v) + m[2 * k + 1];
+        }
+        out
     }
+
+    /// Every whole four of the rows in `w` (`per` blocks each, one after
+    /// another) against one activation row, in one call: results to `out`
+    /// (one per row); returns the rows done.
+    macro_rules! rows {
+        ($name:ident, $four:ident, $b:ty, $a:ty) => {
+            #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vnni,avx512vl")]
+            pub(crate) fn $name(w: &[$b], per: usize, a: &[$a], out: &mut [f32]) -> usize {
+                let quads = (w.len() / per.max(1)).min(out.len()) / 4;
+                for q in 0..quads {
+                    let at = 4 * q * per;
+                    let four = [
+                        &w[at..at + per],
+                        &w[at + per..at + 2 * per],
+                        &w[at + 2 * per..at + 3 * per],
+                        &w[at + 3 * per..at + 4 * per],
+                    ];
+                    out[4 * q..4 * q + 4].copy_from_slice(&$four(four, a));
+                }
+                4 * quads
+            }
+        };
+    }
+
+    rows!(q8_0_rows, q8_0, BlockQ8_0, BlockQ8_0);
+    rows!(q4_0_rows, q4_0, BlockQ4_0, BlockQ8_0);
+    rows!(q5_0_rows, q5_0, BlockQ5_0, BlockQ8_0);
+    rows!(q4_1_rows, q4_1, BlockQ4_1, BlockQ8_1);
 }
 
-/// Four weight rows of type `ty` against activation row `row`, or `None`
-/// where there is no four-row kernel for the pair of formats or the CPU
-/// lacks what it needs.
-pub(crate) fn gemv4(
+/// The leading whole fours of the weight rows in `w` (rows of type `ty`,
+/// one after another) against activation row `row`, one result per row
+/// to `out`; returns how many rows were done (0 where there is no
+/// four-row kernel for the pair of formats or the CPU lacks what it needs).
+pub(crate) fn gemv_rows(
     ty: crate::quant::GgmlType,
-    w: [&[u8]; 4],
+    w: &[u8],
     acts: &crate::quant::ActRows,
     row: usize,
-) -> Option<[f32; 4]> {
+    out: &mut [f32],
+) -> usize {
     use crate::quant::{GgmlType as G, QuantActs as Q};
     use bytemuck::cast_slice as c;
     if !quad_available() {
-        return None;
+        return 0;
     }
     let per = acts.cols / 32;
     // SAFETY: AVX2, FMA and F16C were checked by the dispatcher, AVX-512
     // F, BW, VNNI and VL just now; the slices carry their own bounds.
     unsafe {
-        Some(match (ty, &acts.data) {
-            (G::Q8_0, Q::Q8_0(a)) => gemv::q8_0(w.map(c), &a[row * per..][..per]),
-            (G::Q4_0, Q::Q8_0(a)) => gemv::q4_0(w.map(c), &a[row * per..][..per]),
-            (G::Q5_0, Q::Q8_0(a)) => gemv::q5_0(w.map(c), &a[row * per..][..per]),
-            (G::Q4_1, Q::Q8_1(a)) => gemv::q4_1(w.map(c), &a[row * per..][..per]),
-            _ => return None,
-        })
+        match (ty, &acts.data) {
+            (G::Q8_0, Q::Q8_0(a)) => gemv::q8_0_rows(c(w), per, &a[row * per..][..per], out),
+            (G::Q4_0, Q::Q8_0(a)) => gemv::q4_0_rows(c(w), per, &a[row * per..][..per], out),
+            (G::Q5_0, Q::Q8_0(a)) => gemv::q5_0_rows(c(w), per, &a[row * per..][..per], out),
+            (G::Q4_1, Q::Q8_1(a)) => gemv::q4_1_rows(c(w), per, &a[row * per..][..per], out),
+            _ => 0,
+        }
     }
 }
 
