@@ -264,6 +264,26 @@ pub fn attend_tiled_rows(
     })
 }
 
+/// Activations to Q8_K blocks, bit-identical to
+/// [`quant::generic::quantize_row_q8_k`] (the input of every K-quant
+/// matmul, so worth its SIMD form in a prefill).
+pub fn quantize_row_q8_k(x: &[f32], y: &mut [quant::blocks::BlockQ8K]) {
+    #[cfg(target_arch = "x86_64")]
+    if simd_enabled() {
+        return x86_64::quantize_row_q8_k(x, y);
+    }
+    quant::generic::quantize_row_q8_k(x, y)
+}
+
+/// Rotary position embedding of `x`'s heads; see [`crate::model::ops::Rope`].
+pub fn rope(rope: &crate::model::ops::Rope, x: &mut [f32], head_dim: usize, cs: &[(f32, f32)]) {
+    #[cfg(target_arch = "x86_64")]
+    if simd_enabled() {
+        return x86_64::rope(rope, x, head_dim, cs);
+    }
+    rope.apply_body(x, head_dim, cs)
+}
+
 /// `g = silu(g) * u` as llama.cpp rounds it; see
 /// [`crate::model::ops::swiglu_body`].
 pub fn swiglu(g: &mut [f32], u: &[f32]) {

@@ -344,3 +344,32 @@ fn four_row_decoding_kernels_are_bit_identical_to_the_one_row_kernels() {
         }
     }
 }
+
+#[test]
+fn simd_q8_k_quantisation_is_bit_identical_to_the_scalar_one() {
+    if !avx2_available() {
+        eprintln!("skipped: this CPU has no AVX2+FMA, so there is no SIMD kernel to check");
+        return;
+    }
+    let mut rng = Rng(0x0a8c_0001);
+    let n = 4 * quant::QK_K;
+    let mut x: Vec<f32> = (0..n).map(|_| rng.f32() * 6.0 - 3.0).collect();
+    // A block of zeros, a block whose largest magnitude comes twice with
+    // both signs (the first wins), and one of exact half-steps (ties).
+    x[256..512].iter_mut().for_each(|v| *v = 0.0);
+    x[600] = -3.5;
+    x[700] = 3.5;
+    for (i, v) in x[768..].iter_mut().enumerate() {
+        *v = (i as f32 - 127.0) * 0.5;
+    }
+    let mut want = vec![<quant::blocks::BlockQ8K as bytemuck::Zeroable>::zeroed(); 4];
+    let mut got = want.clone();
+    quant::generic::quantize_row_q8_k(&x, &mut want);
+    set_simd(true);
+    quantize_row_q8_k(&x, &mut got);
+    for (b, (w, g)) in want.iter().zip(&got).enumerate() {
+        assert_eq!(w.d.to_bits(), g.d.to_bits(), "block {b}: scale");
+        assert_eq!(w.qs, g.qs, "block {b}: quants");
+        assert_eq!(w.bsums, g.bsums, "block {b}: sums");
+    }
+}

@@ -164,14 +164,28 @@ fn q5_0_q8_0(w: &[BlockQ5_0], a: &[BlockQ8_0]) -> f32 {
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(super) fn q4_k_scales_mins(x: &BlockQ4K) -> ([i16; 8], [i32; 8]) {
-    let mut sc = [0i16; 8];
-    let mut mins = [0i32; 8];
-    for j in 0..8 {
-        let (s, m) = crate::quant::generic::scale_min_k4(j, &x.scales);
-        sc[j] = s as i16;
-        mins[j] = m as i32;
-    }
-    (sc, mins)
+    // The twelve bytes four at a time, as ggml unpacks them: six-bit
+    // scales and mins 0-3 whole in the first eight bytes; 4-7 as low
+    // nibbles in the last four plus the top two bits of the first eight.
+    let word = |k: usize| {
+        u32::from_le_bytes([
+            x.scales[4 * k],
+            x.scales[4 * k + 1],
+            x.scales[4 * k + 2],
+            x.scales[4 * k + 3],
+        ])
+    };
+    let (u0, u1, u2) = (word(0), word(1), word(2));
+    const SIX: u32 = 0x3f3f_3f3f;
+    const NIBBLE: u32 = 0x0f0f_0f0f;
+    const TWO: u32 = 0x0303_0303;
+    let scales = [u0 & SIX, (u2 & NIBBLE) | (((u0 >> 6) & TWO) << 4)];
+    let mins = [u1 & SIX, ((u2 >> 4) & NIBBLE) | (((u1 >> 6) & TWO) << 4)];
+    let byte = |w: [u32; 2], j: usize| (w[j / 4] >> (8 * (j % 4))) as u8;
+    (
+        std::array::from_fn(|j| byte(scales, j) as i16),
+        std::array::from_fn(|j| byte(mins, j) as i32),
+    )
 }
 
 /// The minimum terms of each 64-value chunk: `m * (sum of y)` over its two
@@ -180,6 +194,54 @@ pub(super) fn q4_k_scales_mins(x: &BlockQ4K) -> ([i16; 8], [i32; 8]) {
 pub(super) fn q4_k_min_terms(mins: &[i32; 8], y: &BlockQ8K) -> [i32; 4] {
     let s = |j: usize| y.bsums[2 * j] as i32 + y.bsums[2 * j + 1] as i32;
     std::array::from_fn(|c| mins[2 * c] * s(2 * c) + mins[2 * c + 1] * s(2 * c + 1))
+}
+
+/// Sums of each pair of 16-value block sums of `y`: its eight 32-value
+/// sub-block sums as i32 lanes.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) fn q8_k_pair_sums(y: &BlockQ8K) -> __m256i {
+    // SAFETY: bsums is 16 i16, 32 readable bytes.
+    let b = unsafe { _mm256_loadu_si256(y.bsums.as_ptr() as *const __m256i) };
+    _mm256_madd_epi16(b, _mm256_set1_epi16(1))
+}
+
+/// [`q4_k_min_terms`] for four tokens at once (their sub-block sums from
+/// [`q8_k_pair_sums`]): entry `c` holds chunk `c`'s term for token `t` in
+/// lane `t`. Integer sums, the same in any order.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) fn q4_k_min_terms4(mins: &[i32; 8], sums: [__m256i; 4]) -> [__m128i; 4] {
+    // SAFETY: `mins` is 32 readable bytes.
+    let m = unsafe { _mm256_loadu_si256(mins.as_ptr() as *const __m256i) };
+    // Per token [m0·s0, ..., m7·s7]; adjacent pairs added give lanes
+    // [t0c0, t0c1, t1c0, t1c1 | t0c2, t0c3, t1c2, t1c3] and likewise for
+    // tokens 2 and 3.
+    let a = _mm256_hadd_epi32(
+        _mm256_mullo_epi32(sums[0], m),
+        _mm256_mullo_epi32(sums[1], m),
+    );
+    let b = _mm256_hadd_epi32(
+        _mm256_mullo_epi32(sums[2], m),
+        _mm256_mullo_epi32(sums[3], m),
+    );
+    let (alo, ahi) = (_mm256_castsi256_si128(a), _mm256_extracti128_si256::<1>(a));
+    let (blo, bhi) = (_mm256_castsi256_si128(b), _mm256_extracti128_si256::<1>(b));
+    let (alo, ahi, blo, bhi) = (
+        _mm_castsi128_ps(alo),
+        _mm_castsi128_ps(ahi),
+        _mm_castsi128_ps(blo),
+        _mm_castsi128_ps(bhi),
+    );
+    // Even lanes of both, then odd lanes of both.
+    const EVEN: i32 = 0b10_00_10_00;
+    const ODD: i32 = 0b11_01_11_01;
+    [
+        _mm_castps_si128(_mm_shuffle_ps::<EVEN>(alo, blo)),
+        _mm_castps_si128(_mm_shuffle_ps::<ODD>(alo, blo)),
+        _mm_castps_si128(_mm_shuffle_ps::<EVEN>(ahi, bhi)),
+        _mm_castps_si128(_mm_shuffle_ps::<ODD>(ahi, bhi)),
+    ]
 }
 
 /// Low and high nibbles of chunk `c` (64 values) of a Q4_K block.
@@ -652,6 +714,82 @@ pub(crate) fn attend(
     debug_assert!(super::avx2_available());
     // SAFETY: the dispatcher checked AVX2, FMA and F16C at run time.
     unsafe { attend_avx2(query, cache, out) }
+}
+
+/// [`crate::quant::generic::quantize_row_q8_k`], eight values a step.
+/// Bit-identical: the same maximum (the first value of the largest
+/// magnitude), the same `-127 / max` scale and products, rounded half to
+/// even as the scalar code's magic-number addition rounds (exact for these
+/// magnitudes), capped at 127.
+#[target_feature(enable = "avx2,fma,f16c")]
+fn quantize_row_q8_k_avx2(x: &[f32], y: &mut [BlockQ8K]) {
+    use crate::quant::QK_K;
+    let sign = _mm256_set1_ps(-0.0);
+    for (b, x) in y.iter_mut().zip(x.chunks_exact(QK_K)) {
+        let mut m = _mm256_setzero_ps();
+        for c in x.chunks_exact(8) {
+            // SAFETY: eight readable floats.
+            let v = unsafe { _mm256_loadu_ps(c.as_ptr()) };
+            // `m` where v is NaN, as the scalar comparison passes NaN over.
+            m = _mm256_max_ps(_mm256_andnot_ps(sign, v), m);
+        }
+        let mut lanes = [0f32; 8];
+        // SAFETY: eight writable floats.
+        unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), m) };
+        let amax = lanes.iter().fold(0f32, |a, &b| a.max(b));
+        let Some(&max) = x.iter().find(|v| v.abs() == amax).filter(|_| amax > 0.0) else {
+            b.d = 0.0;
+            b.qs = [0; QK_K];
+            b.bsums = [0; QK_K / 16];
+            continue;
+        };
+        let iscale = -127.0 / max;
+        let (is, cap) = (_mm256_set1_ps(iscale), _mm256_set1_ps(127.0));
+        // Lane order after the two in-lane packs.
+        let order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+        for (q, x) in b.qs.chunks_exact_mut(32).zip(x.chunks_exact(32)) {
+            let mut v = [_mm256_setzero_si256(); 4];
+            for (k, v) in v.iter_mut().enumerate() {
+                // SAFETY: eight readable floats at 8k (k < 4) of 32.
+                let f = _mm256_mul_ps(is, unsafe { _mm256_loadu_ps(x.as_ptr().add(8 * k)) });
+                let r = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(f);
+                *v = _mm256_cvtps_epi32(_mm256_min_ps(r, cap));
+            }
+            let p = _mm256_packs_epi16(
+                _mm256_packs_epi32(v[0], v[1]),
+                _mm256_packs_epi32(v[2], v[3]),
+            );
+            let p = _mm256_permutevar8x32_epi32(p, order);
+            // SAFETY: 32 writable bytes.
+            unsafe { _mm256_storeu_si256(q.as_mut_ptr() as *mut __m256i, p) };
+        }
+        for (s, qs) in b.bsums.iter_mut().zip(b.qs.chunks_exact(16)) {
+            *s = qs.iter().map(|&q| q as i16).sum();
+        }
+        b.d = 1.0 / iscale;
+    }
+}
+
+pub(crate) fn quantize_row_q8_k(x: &[f32], y: &mut [BlockQ8K]) {
+    debug_assert!(super::avx2_available());
+    // SAFETY: the dispatcher checked AVX2 and FMA at run time.
+    unsafe { quantize_row_q8_k_avx2(x, y) }
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+fn rope_fma(rope: &crate::model::ops::Rope, x: &mut [f32], head_dim: usize, cs: &[(f32, f32)]) {
+    rope.apply_body(x, head_dim, cs)
+}
+
+pub(crate) fn rope(
+    rope: &crate::model::ops::Rope,
+    x: &mut [f32],
+    head_dim: usize,
+    cs: &[(f32, f32)],
+) {
+    debug_assert!(super::avx2_available());
+    // SAFETY: the dispatcher checked AVX2 and FMA at run time.
+    unsafe { rope_fma(rope, x, head_dim, cs) }
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]

@@ -22,7 +22,8 @@ use std::arch::x86_64::*;
 
 use super::x86_64::{
     dot_u8_i8, h, hsum_lanes, hsum_ps, lanes_epi32, load, nibbles, q4_k_chunk, q4_k_chunk_dot,
-    q4_k_min_terms, q4_k_scales_mins, q5_high, q6_k_half, q6_k_offset, q6_k_scale, q8_k_quarter,
+    q4_k_min_terms4, q4_k_scales_mins, q5_high, q6_k_half, q6_k_offset, q6_k_scale, q8_k_pair_sums,
+    q8_k_quarter,
 };
 use crate::quant::blocks::*;
 
@@ -198,40 +199,57 @@ macro_rules! tiles {
             a: [&[BlockQ8K]; 4],
             grouped: bool,
         ) -> [[f32; 4]; 2] {
-            // Per (weight row, token) exactly the one-row kernel's float
-            // operations; a chunk is unpacked once for four tokens and its
-            // four sums reduced together.
-            let mut acc = [[(0f32, 0f32); 4]; 2];
+            // The four tokens in the lanes of one register: lane t runs
+            // exactly the one-row kernel's float operations for token t.
+            // A chunk is unpacked once for four tokens and its four sums
+            // reduced together.
+            let mut acc = [_mm_setzero_ps(); 2];
+            let mut accm = [_mm_setzero_ps(); 2];
             for i in 0..w[0].len() {
                 let y = [&a[0][i], &a[1][i], &a[2][i], &a[3][i]];
+                let yd = _mm_set_ps(y[3].d, y[2].d, y[1].d, y[0].d);
+                let bsums = [
+                    q8_k_pair_sums(y[0]),
+                    q8_k_pair_sums(y[1]),
+                    q8_k_pair_sums(y[2]),
+                    q8_k_pair_sums(y[3]),
+                ];
                 for r in 0..2 {
                     let x = &w[r][i];
                     let (sc, mins) = q4_k_scales_mins(x);
-                    let mut isb = [[0i32; 4]; 4];
-                    for c in 0..4 {
+                    let mut isb = [_mm_setzero_si128(); 4];
+                    for (c, sums) in isb.iter_mut().enumerate() {
                         let (lo, hi) = q4_k_chunk(x, c);
-                        let sums = hsum4_epi32([
+                        *sums = hsum4_epi32([
                             q4_k_chunk_dot(lo, hi, &sc, y[0], c),
                             q4_k_chunk_dot(lo, hi, &sc, y[1], c),
                             q4_k_chunk_dot(lo, hi, &sc, y[2], c),
                             q4_k_chunk_dot(lo, hi, &sc, y[3], c),
                         ]);
-                        let mut lane = [0i32; 4];
-                        // SAFETY: `lane` is 16 writable bytes.
-                        unsafe { _mm_storeu_si128(lane.as_mut_ptr() as *mut __m128i, sums) };
-                        for t in 0..4 {
-                            isb[t][c] = lane[t];
-                        }
                     }
-                    let (dx, mx) = (h(x.d), h(x.dmin));
-                    for t in 0..4 {
-                        let imin = q4_k_min_terms(&mins, y[t]);
-                        let (s, m) = &mut acc[r][t];
-                        crate::cpu::q4_k_accumulate(s, m, isb[t], imin, dx * y[t].d, mx * y[t].d, grouped);
+                    let imin = q4_k_min_terms4(&mins, bsums);
+                    // d(x)·d(y) and dmin(x)·d(y) per token.
+                    let d = _mm_mul_ps(_mm_set1_ps(h(x.d)), yd);
+                    let m = _mm_mul_ps(_mm_set1_ps(h(x.dmin)), yd);
+                    // `q4_k_accumulate`, four tokens at a time.
+                    if grouped {
+                        for c in 0..4 {
+                            acc[r] = _mm_fmadd_ps(_mm_cvtepi32_ps(isb[c]), d, acc[r]);
+                            accm[r] = _mm_fmadd_ps(_mm_cvtepi32_ps(imin[c]), m, accm[r]);
+                        }
+                    } else {
+                        // Integer totals, exact in any order.
+                        let s = _mm_add_epi32(_mm_add_epi32(isb[0], isb[1]), _mm_add_epi32(isb[2], isb[3]));
+                        let n = _mm_add_epi32(_mm_add_epi32(imin[0], imin[1]), _mm_add_epi32(imin[2], imin[3]));
+                        acc[r] = _mm_fmadd_ps(_mm_cvtepi32_ps(s), d, acc[r]);
+                        accm[r] = _mm_fmadd_ps(_mm_cvtepi32_ps(n), m, accm[r]);
                     }
                 }
             }
-            [acc[0].map(|(s, m)| s - m), acc[1].map(|(s, m)| s - m)]
+            [
+                lanes(_mm_sub_ps(acc[0], accm[0])),
+                lanes(_mm_sub_ps(acc[1], accm[1])),
+            ]
         }
 
         #[target_feature(enable = $feat)]
@@ -243,8 +261,11 @@ macro_rules! tiles {
             // Per (weight row, token) exactly the one-row kernel's
             // operations; a quarter is unpacked once for four tokens.
             let mut acc = [[[0f32; 8]; 4]; 2];
+            let mut vacc = [[_mm256_setzero_ps(); 4]; 2];
+            let mut tot = [_mm_setzero_ps(); 2];
             for i in 0..w[0].len() {
                 let y = [&a[0][i], &a[1][i], &a[2][i], &a[3][i]];
+                let yd = _mm_set_ps(y[3].d, y[2].d, y[1].d, y[0].d);
                 for r in 0..2 {
                     let x = &w[r][i];
                     let mut sumi = [_mm256_setzero_si256(); 4];
@@ -258,16 +279,43 @@ macro_rules! tiles {
                         }
                     }
                     let dx = h(x.d);
-                    for t in 0..4 {
-                        let l = lanes_epi32(_mm256_sub_epi32(sumi[t], q6_k_offset(x, y[t])));
-                        crate::cpu::q6_k_block(&mut acc[r][t], l, dx, y[t].d, tiled[t]);
+                    let lanes = [
+                        _mm256_sub_epi32(sumi[0], q6_k_offset(x, y[0])),
+                        _mm256_sub_epi32(sumi[1], q6_k_offset(x, y[1])),
+                        _mm256_sub_epi32(sumi[2], q6_k_offset(x, y[2])),
+                        _mm256_sub_epi32(sumi[3], q6_k_offset(x, y[3])),
+                    ];
+                    // `q6_k_block` with the tokens in lanes where all four
+                    // take the same path; one by one where they differ.
+                    if tiled == [true; 4] {
+                        let total = _mm_cvtepi32_ps(hsum4_epi32(lanes));
+                        let t = _mm_mul_ps(total, _mm_set1_ps(dx));
+                        tot[r] = _mm_fmadd_ps(t, yd, tot[r]);
+                    } else if tiled == [false; 4] {
+                        for t in 0..4 {
+                            let d = _mm256_set1_ps(y[t].d * dx);
+                            vacc[r][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(lanes[t]), d, vacc[r][t]);
+                        }
+                    } else {
+                        for t in 0..4 {
+                            let l = lanes_epi32(lanes[t]);
+                            crate::cpu::q6_k_block(&mut acc[r][t], l, dx, y[t].d, tiled[t]);
+                        }
                     }
                 }
             }
             let mut out = [[0f32; 4]; 2];
             for r in 0..2 {
-                for t in 0..4 {
-                    out[r][t] = if tiled[t] { acc[r][t][0] } else { hsum_lanes(acc[r][t]) };
+                if tiled == [true; 4] {
+                    out[r] = lanes(tot[r]);
+                } else if tiled == [false; 4] {
+                    for t in 0..4 {
+                        out[r][t] = hsum_ps(vacc[r][t]);
+                    }
+                } else {
+                    for t in 0..4 {
+                        out[r][t] = if tiled[t] { acc[r][t][0] } else { hsum_lanes(acc[r][t]) };
+                    }
                 }
             }
             out

@@ -446,10 +446,7 @@ impl Model {
         self.used(&l.ffn_gate);
         self.used(&l.ffn_up);
         let gated = |g: &mut [f32], u: &[f32]| match c.arch {
-            Arch::Gemma3 => g
-                .iter_mut()
-                .zip(u)
-                .for_each(|(g, u)| *g = ops::gelu(*g) * u),
+            Arch::Gemma3 => ops::gelu_gate(g, u),
             Arch::Llama | Arch::Qwen2 => crate::cpu::swiglu(g, u),
         };
         if n == 1 {

@@ -52,7 +52,17 @@ impl Rope {
             .collect()
     }
 
+    /// Rotates every head of `x` by `cs` (from [`Rope::cache`]), with the
+    /// CPU's fused multiply-add where it has one (the portable build's
+    /// `mul_add` is a library call per value).
     pub fn apply(&self, x: &mut [f32], head_dim: usize, cs: &[(f32, f32)]) {
+        crate::cpu::rope(self, x, head_dim, cs)
+    }
+
+    /// [`Rope::apply`]'s body, inlined into each build; the results are the
+    /// same in every build.
+    #[inline(always)]
+    pub fn apply_body(&self, x: &mut [f32], head_dim: usize, cs: &[(f32, f32)]) {
         for head in x.chunks_exact_mut(head_dim) {
             match self.kind {
                 // ggml's C rotation `x0*cos - x1*sin`, `x0*sin + x1*cos`
@@ -512,23 +522,52 @@ fn gelu_exact_tanh(x: f32) -> f32 {
     0.5 * x * (1.0 + inner.tanh())
 }
 
+/// GELU of every f16 value, as f32 (the f16 result widened), indexed by
+/// the input's f16 bits.
+fn gelu_table() -> &'static [f32] {
+    static TABLE: OnceLock<Vec<f32>> = OnceLock::new();
+    TABLE.get_or_init(|| {
+        (0..=u16::MAX)
+            .map(|b| f16::from_f32(gelu_exact_tanh(f16::from_bits(b).to_f32())).to_f32())
+            .collect()
+    })
+}
+
 /// GELU (tanh approximation) through a table over every f16 input, as
 /// ggml's CPU backend computes it: the input is rounded to f16 and the result
 /// is an f16.
 pub fn gelu(x: f32) -> f32 {
-    static TABLE: OnceLock<Vec<f16>> = OnceLock::new();
     if x <= -10.0 {
         return 0.0;
     }
     if x >= 10.0 {
         return x;
     }
-    let table = TABLE.get_or_init(|| {
-        (0..=u16::MAX)
-            .map(|b| f16::from_f32(gelu_exact_tanh(f16::from_bits(b).to_f32())))
-            .collect()
-    });
-    table[f16::from_f32(x).to_bits() as usize].to_f32()
+    gelu_table()[f16::from_f32(x).to_bits() as usize]
+}
+
+/// `g[i] = gelu(g[i]) * u[i]`, Gemma's gated feed-forward, with the inputs
+/// rounded to f16 a few dozen at a time (one SIMD conversion) rather than
+/// one by one.
+pub fn gelu_gate(g: &mut [f32], u: &[f32]) {
+    const STEP: usize = 64;
+    let table = gelu_table();
+    let mut bits = [f16::ZERO; STEP];
+    for (g, u) in g.chunks_mut(STEP).zip(u.chunks(STEP)) {
+        let bits = &mut bits[..g.len()];
+        bits.convert_from_f32_slice(g);
+        for ((g, &u), b) in g.iter_mut().zip(u).zip(bits.iter()) {
+            let x = *g;
+            let y = if x <= -10.0 {
+                0.0
+            } else if x >= 10.0 {
+                x
+            } else {
+                table[b.to_bits() as usize]
+            };
+            *g = y * u;
+        }
+    }
 }
 
 #[cfg(test)]
@@ -618,5 +657,13 @@ mod tests {
         }
         assert_eq!(gelu(-11.0), 0.0);
         assert_eq!(gelu(12.0), 12.0);
+        // The slice form, gate times up, equals the one-value form.
+        let xs: Vec<f32> = (0..300).map(|i| i as f32 * 0.09 - 13.0).collect();
+        let up: Vec<f32> = (0..300).map(|i| 1.5 - i as f32 * 0.01).collect();
+        let mut gated = xs.clone();
+        gelu_gate(&mut gated, &up);
+        for ((x, u), g) in xs.iter().zip(&up).zip(&gated) {
+            assert_eq!(g.to_bits(), (gelu(*x) * u).to_bits(), "{x}");
+        }
     }
 }

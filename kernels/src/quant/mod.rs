@@ -314,7 +314,7 @@ impl ActRows {
                 QuantActs::Q8_1(quantize_rows(x, rows, QK8_1, generic::quantize_row_q8_1))
             }
             ActType::Q8_K => {
-                QuantActs::Q8_K(quantize_rows(x, rows, QK_K, generic::quantize_row_q8_k))
+                QuantActs::Q8_K(quantize_rows(x, rows, QK_K, crate::cpu::quantize_row_q8_k))
             }
         };
         let block_scales = match &data {
