@@ -124,28 +124,7 @@ impl Weight {
         assert_eq!(out.len(), n * self.rows, "{}: output size", self.name);
         let pool = crate::cpu::pool();
         if n == 1 {
-            // Decoding: two chunks a thread, whole fours of rows. Long
-            // contiguous runs keep each core's memory stream going; with
-            // eight chunks a thread two threads decoded SmolLM2 at 160-180
-            // tokens/s instead of 230-250. Two rather than one: a thread
-            // that joins late or runs slow (another program on its core)
-            // leaves its second chunk to the others.
-            let chunk = self
-                .rows
-                .div_ceil(2 * pool.threads())
-                .next_multiple_of(4)
-                .max(16);
-            let rb = self.ty.row_bytes(self.cols);
-            for_each_chunk_mut(pool, out, chunk, |c, o| {
-                // The chunk's rows in fours in one call where there is a
-                // kernel for it (the activation row loaded once for four),
-                // the rest one by one.
-                let rows = &self.bytes()[c * chunk * rb..][..o.len() * rb];
-                let done = crate::cpu::gemv_rows(self.ty, rows, acts, 0, o);
-                for (k, v) in o.iter_mut().enumerate().skip(done) {
-                    *v = crate::cpu::vec_dot(self.ty, &rows[k * rb..][..rb], acts, 0);
-                }
-            });
+            gemv_many(&mut [(self, acts, out)]);
             return;
         }
         // Prefill: chunks big enough to amortise the task overhead, small
@@ -216,6 +195,54 @@ impl Weight {
             }
         });
     }
+}
+
+impl Weight {
+    /// Rows a decoding task takes: two chunks a thread, whole fours of
+    /// rows. Long contiguous runs keep each core's memory stream going;
+    /// with eight chunks a thread two threads decoded SmolLM2 at 160-180
+    /// tokens/s instead of 230-250. Two rather than one: a thread that
+    /// joins late or runs slow (another program on its core) leaves its
+    /// second chunk to the others.
+    fn decode_chunk(&self, threads: usize) -> usize {
+        self.rows.div_ceil(2 * threads).next_multiple_of(4).max(16)
+    }
+
+    /// Rows `r0..r0 + out.len()` against the one activation row: in fours
+    /// in one call where there is a kernel for it (the activation row
+    /// loaded once for four), the rest one by one.
+    fn gemv_chunk(&self, acts: &ActRows, r0: usize, out: &mut [f32]) {
+        let rb = self.ty.row_bytes(self.cols);
+        let rows = &self.bytes()[r0 * rb..][..out.len() * rb];
+        let done = crate::cpu::gemv_rows(self.ty, rows, acts, 0, out);
+        for (k, v) in out.iter_mut().enumerate().skip(done) {
+            *v = crate::cpu::vec_dot(self.ty, &rows[k * rb..][..rb], acts, 0);
+        }
+    }
+}
+
+/// Decoding one token through several weights (each with its activation
+/// row, already in its vec-dot format, and its output): one job on the
+/// pool for all of them, so that the threads meet once instead of once per
+/// weight (a layer's q, k and v; gate and up).
+pub fn gemv_many(jobs: &mut [(&Weight, &ActRows, &mut [f32])]) {
+    let pool = crate::cpu::pool();
+    type Piece<'a> = (&'a Weight, &'a ActRows, usize, &'a mut [f32]);
+    let mut pieces: Vec<std::sync::Mutex<Piece<'_>>> = Vec::new();
+    for (w, acts, out) in jobs.iter_mut() {
+        assert_eq!(acts.rows, 1, "{}: one activation row", w.name);
+        assert_eq!(acts.cols, w.cols, "{}: activation width", w.name);
+        assert_eq!(out.len(), w.rows, "{}: output size", w.name);
+        let chunk = w.decode_chunk(pool.threads());
+        for (c, o) in out.chunks_mut(chunk).enumerate() {
+            pieces.push(std::sync::Mutex::new((*w, *acts, c * chunk, o)));
+        }
+    }
+    pool.run(pieces.len(), &|i| {
+        let mut piece = pieces[i].lock().unwrap_or_else(|e| e.into_inner());
+        let (w, acts, r0, out) = &mut *piece;
+        w.gemv_chunk(acts, *r0, out);
+    });
 }
 
 /// A thread's reusable buffer for a prefill's transposed products: a

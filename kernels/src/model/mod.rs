@@ -479,7 +479,8 @@ fn matmul_shared(
     prompt: (usize, usize),
 ) {
     let mut cached: Vec<ActRows> = Vec::new();
-    for (w, out) in outs.iter_mut() {
+    let mut which = Vec::with_capacity(outs.len());
+    for (w, _) in outs.iter() {
         let ty = w.ty.vec_dot_type();
         let idx = match cached.iter().position(|a| a.act_type() == ty) {
             Some(i) => i,
@@ -488,7 +489,20 @@ fn matmul_shared(
                 cached.len() - 1
             }
         };
-        w.matmul_quantized(&cached[idx], out);
+        which.push(idx);
+    }
+    if n == 1 {
+        // One token: all the weights in one job on the pool.
+        let mut jobs: Vec<_> = outs
+            .iter_mut()
+            .zip(&which)
+            .map(|((w, out), &i)| (*w, &cached[i], out.as_mut_slice()))
+            .collect();
+        crate::tensor::gemv_many(&mut jobs);
+        return;
+    }
+    for ((w, out), &i) in outs.iter_mut().zip(&which) {
+        w.matmul_quantized(&cached[i], out);
     }
 }
 
