@@ -248,8 +248,10 @@ pub fn gemv_many(jobs: &mut [(&Weight, &ActRows, &mut [f32])]) {
 /// A thread's reusable buffer for a prefill's transposed products: a
 /// fresh zeroed vector per matmul cost a memset and page faults on the
 /// calling thread while the workers waited (7% of a two-thread Gemma
-/// prefill). Buffers above [`Scratch::KEEP`] floats (a perplexity run's
-/// logits) are not kept.
+/// prefill). Buffers above [`Scratch::KEEP`] floats (4 MB: a 512-token
+/// batch through 2048 rows; not a perplexity run's logits, nor a big
+/// model's long prompt) are freed after use as before, so what a device
+/// holds between requests stays small next to the budget Halda plans.
 struct Scratch {
     buf: Vec<f32>,
     len: usize,
@@ -260,7 +262,7 @@ thread_local! {
 }
 
 impl Scratch {
-    const KEEP: usize = 8 << 20;
+    const KEEP: usize = 1 << 20;
 
     /// A buffer of at least `len` floats of unspecified contents.
     fn take(len: usize) -> Self {
@@ -281,6 +283,109 @@ impl Drop for Scratch {
         if self.buf.len() <= Self::KEEP {
             let buf = std::mem::take(&mut self.buf);
             SCRATCH.with(|s| s.set(buf));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gguf::{
+        write::{GgufWriter, TensorSpec},
+        Value,
+    };
+    use crate::quant::testutil::{random_weight, Rng};
+
+    /// Weights of random valid blocks in an in-memory GGUF, with row
+    /// counts that are not multiples of the kernels' groups (4 rows, 16 in
+    /// the transpose) to reach every edge.
+    fn weights(specs: &[(GgmlType, usize, usize)]) -> Vec<Weight> {
+        let mut rng = Rng(0x7e45_0a11);
+        let mut w = GgufWriter::new();
+        w.kv("general.architecture", Value::String("llama".into()));
+        for (i, &(ty, cols, rows)) in specs.iter().enumerate() {
+            w.tensor(TensorSpec {
+                name: format!("w{i}"),
+                dims: vec![cols as u64, rows as u64],
+                ty,
+            });
+        }
+        let mut bytes = Vec::new();
+        w.write(&mut bytes, |i, buf| {
+            let (ty, cols, _) = specs[i];
+            for row in buf.chunks_exact_mut(ty.row_bytes(cols)) {
+                let words = random_weight(ty, cols, &mut rng);
+                row.copy_from_slice(&bytemuck::cast_slice::<u32, u8>(&words)[..row.len()]);
+            }
+        })
+        .unwrap();
+        let file = Arc::new(Gguf::from_vec(bytes).unwrap());
+        file.tensors
+            .iter()
+            .zip(specs)
+            .map(|(t, &(_, cols, rows))| Weight::new(&file, t, [cols, rows]).unwrap())
+            .collect()
+    }
+
+    fn activations(n: usize, cols: usize, seed: u64) -> Vec<f32> {
+        let mut rng = Rng(seed);
+        (0..n * cols).map(|_| rng.f32() * 4.0 - 2.0).collect()
+    }
+
+    #[test]
+    fn batched_matmul_equals_the_one_row_kernel_for_every_row_and_token() {
+        let ws = weights(&[
+            (GgmlType::Q8_0, 256, 37),
+            (GgmlType::Q5_0, 64, 45),
+            (GgmlType::Q4_K, 256, 21),
+            (GgmlType::Q6_K, 256, 19),
+        ]);
+        // A large batch, then a smaller one: the reused buffer of the first
+        // must not show through in the second.
+        for w in &ws {
+            for n in [21usize, 9, 1] {
+                let x = activations(n, w.cols, n as u64);
+                let acts = ActRows::quantize(w.ty.vec_dot_type(), &x, n, w.cols);
+                let mut out = vec![f32::NAN; n * w.rows];
+                w.matmul_quantized(&acts, &mut out);
+                for t in 0..n {
+                    for r in 0..w.rows {
+                        let want = crate::cpu::vec_dot(w.ty, w.row(r), &acts, t);
+                        assert_eq!(
+                            out[t * w.rows + r].to_bits(),
+                            want.to_bits(),
+                            "{w:?} n={n} token {t} row {r}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn several_weights_decoded_in_one_job_equal_each_alone() {
+        let ws = weights(&[
+            (GgmlType::Q4_1, 128, 45),
+            (GgmlType::Q4_1, 128, 13),
+            (GgmlType::Q8_0, 128, 70),
+        ]);
+        let x = activations(1, 128, 5);
+        let a1 = ActRows::quantize(GgmlType::Q4_1.vec_dot_type(), &x, 1, 128);
+        let a0 = ActRows::quantize(GgmlType::Q8_0.vec_dot_type(), &x, 1, 128);
+        let mut outs: Vec<Vec<f32>> = ws.iter().map(|w| vec![f32::NAN; w.rows]).collect();
+        let [o0, o1, o2] = &mut outs[..] else {
+            unreachable!()
+        };
+        gemv_many(&mut [
+            (&ws[0], &a1, &mut o0[..]),
+            (&ws[1], &a1, &mut o1[..]),
+            (&ws[2], &a0, &mut o2[..]),
+        ]);
+        for ((w, out), acts) in ws.iter().zip(&outs).zip([&a1, &a1, &a0]) {
+            for (r, v) in out.iter().enumerate() {
+                let want = crate::cpu::vec_dot(w.ty, w.row(r), acts, 0);
+                assert_eq!(v.to_bits(), want.to_bits(), "{w:?} row {r}");
+            }
         }
     }
 }

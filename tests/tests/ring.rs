@@ -267,13 +267,17 @@ fn replans_mid_answer_replay_and_a_frozen_device_is_planned_around() {
 
     // The plan changes twice while a long answer streams: the head replays
     // the session on each new plan and the answer is still the greedy one.
+    // Long enough (SmolLM2 does not stop within 400 tokens here) that both
+    // new plans go live well before it ends: 160 tokens, about 1.6 s on
+    // the ring, left too little margin once decoding got faster.
     let raw = "Once upon a time";
-    let want_long = generate(&model(SMOLLM2), raw, 160, false);
+    let long = 400;
+    let want_long = generate(&model(SMOLLM2), raw, long, false);
     let (o, took) = std::thread::scope(|sc| {
         let h = sc.spawn(|| {
             let t = Instant::now();
             (
-                ds[0].ctl(&["ask", "--raw", "-t", "0", "-n", "160", raw]),
+                ds[0].ctl(&["ask", "--raw", "-t", "0", "-n", &long.to_string(), raw]),
                 t.elapsed(),
             )
         });

@@ -264,6 +264,27 @@ pub fn attend_tiled_rows(
     })
 }
 
+/// Activations to Q8_0 blocks, bit-identical to
+/// [`quant::generic::quantize_row_q8_0`].
+pub fn quantize_row_q8_0(x: &[f32], y: &mut [quant::blocks::BlockQ8_0]) {
+    #[cfg(target_arch = "x86_64")]
+    if simd_enabled() {
+        return x86_64::quantize_row_q8_0(x, y);
+    }
+    quant::generic::quantize_row_q8_0(x, y)
+}
+
+/// Activations to Q8_1 blocks, bit-identical to
+/// [`quant::generic::quantize_row_q8_1`] (every layer input of a Q4_1
+/// model, decoding included).
+pub fn quantize_row_q8_1(x: &[f32], y: &mut [quant::blocks::BlockQ8_1]) {
+    #[cfg(target_arch = "x86_64")]
+    if simd_enabled() {
+        return x86_64::quantize_row_q8_1(x, y);
+    }
+    quant::generic::quantize_row_q8_1(x, y)
+}
+
 /// Activations to Q8_K blocks, bit-identical to
 /// [`quant::generic::quantize_row_q8_k`] (the input of every K-quant
 /// matmul, so worth its SIMD form in a prefill).

@@ -373,3 +373,49 @@ fn simd_q8_k_quantisation_is_bit_identical_to_the_scalar_one() {
         assert_eq!(w.bsums, g.bsums, "block {b}: sums");
     }
 }
+
+#[test]
+fn simd_q8_0_and_q8_1_quantisation_is_bit_identical_to_the_scalar_one() {
+    if !avx2_available() {
+        eprintln!("skipped: this CPU has no AVX2+FMA, so there is no SIMD kernel to check");
+        return;
+    }
+    let mut rng = Rng(0x0a8c_0002);
+    let mut x: Vec<f32> = (0..8 * 32).map(|_| rng.f32() * 6.0 - 3.0).collect();
+    // A block of zeros, one of exact half-steps (ties), one with NaN-free
+    // extremes of both signs.
+    x[32..64].iter_mut().for_each(|v| *v = 0.0);
+    for (i, v) in x[64..96].iter_mut().enumerate() {
+        *v = (i as f32 - 16.0) * 0.5;
+    }
+    x[100] = -1e6;
+    x[101] = 1e6;
+    set_simd(true);
+    let mut want0 = vec![<quant::blocks::BlockQ8_0 as bytemuck::Zeroable>::zeroed(); 8];
+    let mut got0 = want0.clone();
+    quant::generic::quantize_row_q8_0(&x, &mut want0);
+    quantize_row_q8_0(&x, &mut got0);
+    let mut want1 = vec![<quant::blocks::BlockQ8_1 as bytemuck::Zeroable>::zeroed(); 8];
+    let mut got1 = want1.clone();
+    quant::generic::quantize_row_q8_1(&x, &mut want1);
+    quantize_row_q8_1(&x, &mut got1);
+    for b in 0..8 {
+        assert_eq!(
+            want0[b].d.to_bits(),
+            got0[b].d.to_bits(),
+            "q8_0 block {b}: scale"
+        );
+        assert_eq!(want0[b].qs, got0[b].qs, "q8_0 block {b}: quants");
+        assert_eq!(
+            want1[b].d.to_bits(),
+            got1[b].d.to_bits(),
+            "q8_1 block {b}: scale"
+        );
+        assert_eq!(
+            want1[b].s.to_bits(),
+            got1[b].s.to_bits(),
+            "q8_1 block {b}: sum"
+        );
+        assert_eq!(want1[b].qs, got1[b].qs, "q8_1 block {b}: quants");
+    }
+}

@@ -770,6 +770,87 @@ fn quantize_row_q8_k_avx2(x: &[f32], y: &mut [BlockQ8K]) {
     }
 }
 
+/// The largest magnitude of 32 floats (NaN passed over, as `f32::max`
+/// does).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn amax32(x: &[f32]) -> f32 {
+    let sign = _mm256_set1_ps(-0.0);
+    let mut m = _mm256_setzero_ps();
+    for c in x.chunks_exact(8) {
+        // SAFETY: eight readable floats.
+        let v = unsafe { _mm256_loadu_ps(c.as_ptr()) };
+        m = _mm256_max_ps(_mm256_andnot_ps(sign, v), m);
+    }
+    let mut lanes = [0f32; 8];
+    // SAFETY: eight writable floats.
+    unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), m) };
+    lanes.iter().fold(0f32, |a, &b| a.max(b))
+}
+
+/// `x` (32 floats) times `id`, rounded half to even as the scalar code's
+/// magic-number addition rounds (exact for these magnitudes), as 32
+/// signed bytes.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn round32(x: &[f32], id: f32, out: &mut [i8; 32]) {
+    let is = _mm256_set1_ps(id);
+    let mut v = [_mm256_setzero_si256(); 4];
+    for (k, v) in v.iter_mut().enumerate() {
+        // SAFETY: eight readable floats at 8k (k < 4) of 32.
+        let f = _mm256_mul_ps(unsafe { _mm256_loadu_ps(x.as_ptr().add(8 * k)) }, is);
+        *v = _mm256_cvtps_epi32(_mm256_round_ps::<
+            { _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC },
+        >(f));
+    }
+    let p = _mm256_packs_epi16(
+        _mm256_packs_epi32(v[0], v[1]),
+        _mm256_packs_epi32(v[2], v[3]),
+    );
+    let p = _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+    // SAFETY: 32 writable bytes.
+    unsafe { _mm256_storeu_si256(out.as_mut_ptr() as *mut __m256i, p) };
+}
+
+/// [`crate::quant::generic::quantize_row_q8_0`] and `_q8_1` eight values
+/// a step, bit-identical: the same largest magnitude, scale, products and
+/// rounding.
+#[target_feature(enable = "avx2,fma,f16c")]
+fn quantize_row_q8_0_avx2(x: &[f32], y: &mut [BlockQ8_0]) {
+    for (b, x) in y.iter_mut().zip(x.chunks_exact(32)) {
+        let amax = amax32(x);
+        let d = amax / 127.0;
+        let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
+        b.d = half::f16::from_f32(d);
+        round32(x, id, &mut b.qs);
+    }
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+fn quantize_row_q8_1_avx2(x: &[f32], y: &mut [BlockQ8_1]) {
+    for (b, x) in y.iter_mut().zip(x.chunks_exact(32)) {
+        let amax = amax32(x);
+        let d = amax / 127.0;
+        let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
+        round32(x, id, &mut b.qs);
+        let sum: i32 = b.qs.iter().map(|&q| q as i32).sum();
+        b.d = half::f16::from_f32(d);
+        b.s = half::f16::from_f32(d * sum as f32);
+    }
+}
+
+pub(crate) fn quantize_row_q8_0(x: &[f32], y: &mut [BlockQ8_0]) {
+    debug_assert!(super::avx2_available());
+    // SAFETY: the dispatcher checked AVX2 and FMA at run time.
+    unsafe { quantize_row_q8_0_avx2(x, y) }
+}
+
+pub(crate) fn quantize_row_q8_1(x: &[f32], y: &mut [BlockQ8_1]) {
+    debug_assert!(super::avx2_available());
+    // SAFETY: the dispatcher checked AVX2 and FMA at run time.
+    unsafe { quantize_row_q8_1_avx2(x, y) }
+}
+
 pub(crate) fn quantize_row_q8_k(x: &[f32], y: &mut [BlockQ8K]) {
     debug_assert!(super::avx2_available());
     // SAFETY: the dispatcher checked AVX2 and FMA at run time.

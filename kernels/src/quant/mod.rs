@@ -308,10 +308,10 @@ impl ActRows {
             ActType::F16 => QuantActs::F16(x.iter().map(|&v| f16::from_f32(v)).collect()),
             ActType::BF16 => QuantActs::BF16(x.iter().map(|&v| bf16::from_f32(v)).collect()),
             ActType::Q8_0 => {
-                QuantActs::Q8_0(quantize_rows(x, rows, QK8_0, generic::quantize_row_q8_0))
+                QuantActs::Q8_0(quantize_rows(x, rows, QK8_0, crate::cpu::quantize_row_q8_0))
             }
             ActType::Q8_1 => {
-                QuantActs::Q8_1(quantize_rows(x, rows, QK8_1, generic::quantize_row_q8_1))
+                QuantActs::Q8_1(quantize_rows(x, rows, QK8_1, crate::cpu::quantize_row_q8_1))
             }
             ActType::Q8_K => {
                 QuantActs::Q8_K(quantize_rows(x, rows, QK_K, crate::cpu::quantize_row_q8_k))
