@@ -718,25 +718,13 @@ pub(crate) fn attend(
 
 /// [`crate::quant::generic::quantize_row_q8_k`], eight values a step.
 /// Bit-identical: the same maximum (the first value of the largest
-/// magnitude), the same `-127 / max` scale and products, rounded half to
-/// even as the scalar code's magic-number addition rounds (exact for these
-/// magnitudes), capped at 127.
+/// magnitude), the same `-127 / max` scale and products, the same rounding
+/// and cap.
 #[target_feature(enable = "avx2,fma,f16c")]
 fn quantize_row_q8_k_avx2(x: &[f32], y: &mut [BlockQ8K]) {
     use crate::quant::QK_K;
-    let sign = _mm256_set1_ps(-0.0);
     for (b, x) in y.iter_mut().zip(x.chunks_exact(QK_K)) {
-        let mut m = _mm256_setzero_ps();
-        for c in x.chunks_exact(8) {
-            // SAFETY: eight readable floats.
-            let v = unsafe { _mm256_loadu_ps(c.as_ptr()) };
-            // `m` where v is NaN, as the scalar comparison passes NaN over.
-            m = _mm256_max_ps(_mm256_andnot_ps(sign, v), m);
-        }
-        let mut lanes = [0f32; 8];
-        // SAFETY: eight writable floats.
-        unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), m) };
-        let amax = lanes.iter().fold(0f32, |a, &b| a.max(b));
+        let amax = max_magnitude(x);
         let Some(&max) = x.iter().find(|v| v.abs() == amax).filter(|_| amax > 0.0) else {
             b.d = 0.0;
             b.qs = [0; QK_K];
@@ -744,24 +732,8 @@ fn quantize_row_q8_k_avx2(x: &[f32], y: &mut [BlockQ8K]) {
             continue;
         };
         let iscale = -127.0 / max;
-        let (is, cap) = (_mm256_set1_ps(iscale), _mm256_set1_ps(127.0));
-        // Lane order after the two in-lane packs.
-        let order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
         for (q, x) in b.qs.chunks_exact_mut(32).zip(x.chunks_exact(32)) {
-            let mut v = [_mm256_setzero_si256(); 4];
-            for (k, v) in v.iter_mut().enumerate() {
-                // SAFETY: eight readable floats at 8k (k < 4) of 32.
-                let f = _mm256_mul_ps(is, unsafe { _mm256_loadu_ps(x.as_ptr().add(8 * k)) });
-                let r = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(f);
-                *v = _mm256_cvtps_epi32(_mm256_min_ps(r, cap));
-            }
-            let p = _mm256_packs_epi16(
-                _mm256_packs_epi32(v[0], v[1]),
-                _mm256_packs_epi32(v[2], v[3]),
-            );
-            let p = _mm256_permutevar8x32_epi32(p, order);
-            // SAFETY: 32 writable bytes.
-            unsafe { _mm256_storeu_si256(q.as_mut_ptr() as *mut __m256i, p) };
+            round32(x, iscale, q.try_into().expect("32 quants"));
         }
         for (s, qs) in b.bsums.iter_mut().zip(b.qs.chunks_exact(16)) {
             *s = qs.iter().map(|&q| q as i16).sum();
@@ -770,11 +742,11 @@ fn quantize_row_q8_k_avx2(x: &[f32], y: &mut [BlockQ8K]) {
     }
 }
 
-/// The largest magnitude of 32 floats (NaN passed over, as `f32::max`
-/// does).
+/// The largest magnitude of `x` (a multiple of eight floats; NaN passed
+/// over, as `f32::max` and the scalar comparisons do).
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-fn amax32(x: &[f32]) -> f32 {
+fn max_magnitude(x: &[f32]) -> f32 {
     let sign = _mm256_set1_ps(-0.0);
     let mut m = _mm256_setzero_ps();
     for c in x.chunks_exact(8) {
@@ -788,21 +760,23 @@ fn amax32(x: &[f32]) -> f32 {
     lanes.iter().fold(0f32, |a, &b| a.max(b))
 }
 
-/// `x` (32 floats) times `id`, rounded half to even as the scalar code's
-/// magic-number addition rounds (exact for these magnitudes), as 32
+/// `x` (32 floats) times `scale`, rounded half to even as the scalar
+/// code's magic-number addition rounds (exact for these magnitudes),
+/// capped at 127 as Q8_K's scalar code caps (for Q8_0 and Q8_1 the
+/// products never pass 127.5, so there the cap changes nothing), as 32
 /// signed bytes.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-fn round32(x: &[f32], id: f32, out: &mut [i8; 32]) {
-    let is = _mm256_set1_ps(id);
+fn round32(x: &[f32], scale: f32, out: &mut [i8; 32]) {
+    let (is, cap) = (_mm256_set1_ps(scale), _mm256_set1_ps(127.0));
     let mut v = [_mm256_setzero_si256(); 4];
     for (k, v) in v.iter_mut().enumerate() {
         // SAFETY: eight readable floats at 8k (k < 4) of 32.
         let f = _mm256_mul_ps(unsafe { _mm256_loadu_ps(x.as_ptr().add(8 * k)) }, is);
-        *v = _mm256_cvtps_epi32(_mm256_round_ps::<
-            { _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC },
-        >(f));
+        let r = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(f);
+        *v = _mm256_cvtps_epi32(_mm256_min_ps(r, cap));
     }
+    // Lane order after the two in-lane packs.
     let p = _mm256_packs_epi16(
         _mm256_packs_epi32(v[0], v[1]),
         _mm256_packs_epi32(v[2], v[3]),
@@ -818,7 +792,7 @@ fn round32(x: &[f32], id: f32, out: &mut [i8; 32]) {
 #[target_feature(enable = "avx2,fma,f16c")]
 fn quantize_row_q8_0_avx2(x: &[f32], y: &mut [BlockQ8_0]) {
     for (b, x) in y.iter_mut().zip(x.chunks_exact(32)) {
-        let amax = amax32(x);
+        let amax = max_magnitude(x);
         let d = amax / 127.0;
         let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
         b.d = half::f16::from_f32(d);
@@ -829,7 +803,7 @@ fn quantize_row_q8_0_avx2(x: &[f32], y: &mut [BlockQ8_0]) {
 #[target_feature(enable = "avx2,fma,f16c")]
 fn quantize_row_q8_1_avx2(x: &[f32], y: &mut [BlockQ8_1]) {
     for (b, x) in y.iter_mut().zip(x.chunks_exact(32)) {
-        let amax = amax32(x);
+        let amax = max_magnitude(x);
         let d = amax / 127.0;
         let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
         round32(x, id, &mut b.qs);
