@@ -85,9 +85,17 @@ class Household:
     def status(self, i):
         return json.loads(self.ctl(i, "status", "--json").stdout)
 
-    def add_model(self, path, name="smollm2-135m"):
+    def add_model(self, path, name="smollm2-135m", copies=False):
+        """copies: every device gets its own copy of the file (as separate
+        machines have), so no page of it is shared between their memory
+        cgroups."""
         for i in range(self.n):
-            self.ctl(i, "models", "add", path, "--name", name)
+            p = path
+            if copies:
+                p = self.work / f"dev{i}" / Path(path).name
+                shutil.copyfile(path, p)
+                evict(p)
+            self.ctl(i, "models", "add", p, "--name", name)
 
     def coordinator(self):
         c = self.status(0)["cluster"]["coordinator"]
@@ -191,6 +199,15 @@ def cgroup_report(cg):
         stat[k] = int(v)
     return {"peak_mb": int((cg / "memory.max_usage_in_bytes").read_text()) / 2**20,
             "failcnt": int((cg / "memory.failcnt").read_text()), "oom_kill": stat.get("oom_kill", 0)}
+
+
+def disk_reads(pid):
+    """Bytes the process has made the kernel read from storage so far (its
+    own reads and page faults; read-ahead it triggered counts too)."""
+    for line in Path(f"/proc/{pid}/io").read_text().splitlines():
+        if line.startswith("read_bytes:"):
+            return int(line.split()[1])
+    return 0
 
 
 def evict(path):
@@ -352,7 +369,7 @@ def bigger(a):
                   memory_limit=limit)
     try:
         h.wait_household()
-        h.add_model(model, "synth-ref")
+        h.add_model(model, "synth-ref", copies=True)
         windows = [("dev0", a.head_window)] + [(f"dev{i}", (28 - a.head_window) // 2) for i in (1, 2)]
         t = time.time()
         h.pin(1, windows)
@@ -362,10 +379,13 @@ def bigger(a):
                 print("  dev1:", line.split("INFO")[-1].strip()[:200])
         rows = []
         for r in range(a.rounds):
+            before = [disk_reads(p.pid) for p in h.procs]
             b = h.bench(0, a.requests, a.tokens, "Once upon a time")
+            reads = [(disk_reads(p.pid) - x) / (a.requests * a.tokens) / 1e6 for p, x in zip(h.procs, before)]
             tpot = 1000 / b["decode_tok_s_median"]
             rows.append(tpot)
-            print(f"  round {r + 1}: TPOT {tpot:.1f} ms, TTFT {b['ttft_ms_median']:.0f} ms", flush=True)
+            print(f"  round {r + 1}: TPOT {tpot:.1f} ms, TTFT {b['ttft_ms_median']:.0f} ms, read from disk per "
+                  f"token: {' + '.join(f'{x:.1f}' for x in reads)} = {sum(reads):.1f} MB", flush=True)
         tpot = statistics.median(rows)
         for i, cg in enumerate(h.cgroups):
             st = Path(f"/proc/{h.procs[i].pid}/status").read_text()

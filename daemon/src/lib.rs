@@ -8,6 +8,7 @@ pub mod cluster;
 pub mod error;
 pub mod events;
 pub mod gpu;
+pub mod memory;
 pub mod modelprof;
 pub mod profiler;
 pub mod ring;

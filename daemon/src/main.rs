@@ -404,6 +404,10 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     // The service logs its life at info; the tools only warnings. RUST_LOG wins.
     let serving = matches!(cli.command, None | Some(Command::Serve(_)));
+    if serving {
+        // Before any thread exists.
+        primad::memory::tune_allocator();
+    }
     let default = if serving { "info,sled=warn" } else { "warn" };
     tracing_subscriber::fmt()
         .with_env_filter(

@@ -544,7 +544,10 @@ fn serve_here(
     let g = match (route, &settings.ring, draft) {
         (Route::Head(plan), Some((ring, _)), draft) => {
             ring.stats.head_requests.fetch_add(1, Ordering::Relaxed);
-            let mut session = ring.session(plan.clone(), ctx);
+            // The session's caches on every device hold the prompt and the
+            // answer, not the whole context: a device short of memory
+            // streams fewer weights while the session lives.
+            let mut session = ring.session(plan.clone(), (ids.len() + max_tokens).min(ctx));
             match draft {
                 Some((d, sp)) => {
                     let mut s = Speculative::new(&mut session, d, sp);

@@ -108,34 +108,83 @@ struct Prepared {
     streaming: Option<Arc<Streaming>>,
 }
 
-/// The layers a device cannot keep resident: their weight matrices are read
-/// ahead a few at a time (explicit WillNeed while other matrices, layers and
-/// devices compute) and dropped right after use, so the resident layers are
-/// never evicted by the kernel's LRU and nothing is read twice.
+/// The weight matrices a device cannot keep resident: each is read ahead
+/// while the one before it computes (explicit WillNeed) and dropped right
+/// after use, so the resident ones are never evicted by the kernel's LRU and
+/// nothing is read twice. Which ones stream follows the caches the live
+/// sessions hold: a short answer's cache leaves room for more weights.
 pub struct Streaming {
     file: Arc<Gguf>,
     /// For posix_fadvise(DONTNEED).
     #[cfg_attr(not(any(target_os = "linux", target_os = "android")), allow(dead_code))]
     fd: std::fs::File,
-    /// Streamed matrices (offset, length) in the order they are used.
+    /// Every weight matrix of this device's windows, (offset, length), in
+    /// the order the forward pass uses them.
+    mats: Vec<(u64, u64)>,
+    /// Bytes for weights and caches: the budget less the process, its
+    /// slack and the output matrix.
+    room: u64,
+    /// Cache bytes per context position, over all of this device's layers.
+    kv_per_pos: u64,
+    set: std::sync::Mutex<StreamSet>,
+}
+
+#[derive(Default)]
+struct StreamSet {
+    /// Streamed matrices in the order they are used.
     order: Vec<(u64, u64)>,
     /// Offset -> index in `order`.
     index: HashMap<u64, usize>,
 }
 
-/// Matrices read ahead of the one in use.
-const LOOKAHEAD: usize = 2;
+/// Matrices read ahead of the one in use. One keeps the disk busy (each
+/// read-ahead is a whole matrix, megabytes); each more costs a matrix of
+/// resident weights. Measured on the bigger-than-memory benchmark: 210 ms
+/// per token with one, 230 ms with two.
+const LOOKAHEAD: usize = 1;
 
 impl Streaming {
-    fn prefetch(&self, i: usize) {
-        let (a, len) = self.order[i % self.order.len()];
+    /// Re-decides what streams for caches of `positions` context positions
+    /// in all (the sum over live sessions); returns the bytes streamed per
+    /// token.
+    fn reserve(&self, positions: usize) -> u64 {
+        let need = bytes_to_stream(&self.mats, self.room, positions as u64 * self.kv_per_pos);
+        let order: Vec<(u64, u64)> = choose_streamed(&self.mats, need)
+            .into_iter()
+            .map(|i| self.mats[i])
+            .collect();
+        let bytes = order.iter().map(|m| m.1).sum();
+        let index = order
+            .iter()
+            .enumerate()
+            .map(|(i, (a, _))| (*a, i))
+            .collect();
+        let mut set = self.set.lock().unwrap_or_else(|e| e.into_inner());
+        if set.order != order {
+            tracing::debug!(
+                positions,
+                streamed_matrices = order.len(),
+                streamed_mb_per_token = bytes >> 20,
+                "streamed weights follow the caches"
+            );
+        }
+        *set = StreamSet { order, index };
+        bytes
+    }
+
+    fn prefetch(&self, set: &StreamSet, i: usize) {
+        if set.order.is_empty() {
+            return;
+        }
+        let (a, len) = set.order[i % set.order.len()];
         self.file.prefetch(a, len);
     }
 
     /// Reads the first matrices ahead.
     fn start(&self) {
-        for i in 0..LOOKAHEAD.min(self.order.len()) {
-            self.prefetch(i);
+        let set = self.set.lock().unwrap_or_else(|e| e.into_inner());
+        for i in 0..LOOKAHEAD.min(set.order.len()) {
+            self.prefetch(&set, i);
         }
     }
 
@@ -143,7 +192,8 @@ impl Streaming {
     /// one LOOKAHEAD places on.
     fn after(&self, w: &prima_kernels::tensor::Weight) {
         let (a, len) = w.span();
-        let Some(&i) = self.index.get(&a) else {
+        let set = self.set.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(&i) = set.index.get(&a) else {
             return; // resident
         };
         self.file.release(a, len);
@@ -162,7 +212,7 @@ impl Streaming {
                 );
             }
         }
-        self.prefetch(i + LOOKAHEAD);
+        self.prefetch(&set, i + LOOKAHEAD);
     }
 }
 
@@ -185,45 +235,32 @@ fn layer_matrices(file: &Gguf, layer: usize) -> Vec<(u64, u64)> {
     .collect()
 }
 
-/// Memory this process holds now that is not model weights: anonymous
-/// memory plus file pages up to 64 MiB (its binary and libraries; beyond
-/// that they are earlier windows of the model, about to be dropped).
-fn process_overhead() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    let kb = |key: &str| -> u64 {
-        status
-            .lines()
-            .find(|l| l.starts_with(key))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0)
-    };
-    let anon = kb("RssAnon:") << 10;
-    let file = (kb("RssFile:") << 10).min(64 << 20);
-    if anon == 0 {
-        96 << 20 // not Linux: a conservative guess
-    } else {
-        anon + file
-    }
-}
+/// What a request may allocate beyond the process as measured at plan time
+/// (activations, the prefill's per-thread scratch, network buffers).
+const SLACK: u64 = 16 << 20;
 
-/// Decides which of this device's layers stay resident under `budget`
-/// bytes (weights plus caches), in the order it runs them; the rest stream.
+/// Decides whether this device's windows fit `budget` bytes (weights plus
+/// caches) with a session of `max_ctx` positions; if not, which weight
+/// matrices stream (re-decided as sessions come and go).
 fn plan_streaming(
     file: &Arc<Gguf>,
     path: &std::path::Path,
     ranges: &[Range<usize>],
     head: bool,
-    kv_bytes: u64,
+    kv_per_pos: u64,
+    max_ctx: usize,
     budget: u64,
 ) -> Result<Option<Arc<Streaming>>, String> {
     // The process itself as it stands (runtime, network, buffers, its own
     // binary's pages), plus slack for what a request allocates.
-    let margin = process_overhead() + (24 << 20);
-    let order: Vec<usize> = ranges.iter().flat_map(|r| r.clone()).collect();
-    let mats: Vec<Vec<(u64, u64)>> = order.iter().map(|&l| layer_matrices(file, l)).collect();
-    let sizes: Vec<u64> = mats.iter().map(|m| m.iter().map(|x| x.1).sum()).collect();
-    let total: u64 = sizes.iter().sum();
+    crate::memory::release_free(); // what the previous plan freed
+    let overhead = crate::memory::overhead_excluding(path).unwrap_or(96 << 20);
+    let mats: Vec<(u64, u64)> = ranges
+        .iter()
+        .flat_map(|r| r.clone())
+        .flat_map(|l| layer_matrices(file, l))
+        .collect();
+    let total: u64 = mats.iter().map(|m| m.1).sum();
     // The head reads the output matrix every token: it stays resident.
     let out = if head {
         file.tensor("output.weight")
@@ -233,45 +270,58 @@ fn plan_streaming(
     } else {
         0
     };
-    let room = budget.saturating_sub(margin + kv_bytes + out);
-    if total <= room {
+    let room = budget.saturating_sub(overhead + SLACK + out);
+    if total + max_ctx as u64 * kv_per_pos <= room {
         return Ok(None);
     }
-    // Room for the matrix in use and those read ahead of it.
-    let biggest = mats.iter().flatten().map(|x| x.1).max().unwrap_or(0);
-    let keep = room.saturating_sub((LOOKAHEAD as u64 + 1) * biggest);
-    let mut used = 0;
-    let mut streamed = Vec::new();
-    let mut n_streamed = 0;
-    for (m, size) in mats.iter().zip(&sizes) {
-        if used + size <= keep {
-            used += size;
-        } else {
-            streamed.extend_from_slice(m);
-            n_streamed += 1;
-        }
-    }
-    tracing::info!(
-        budget_mb = budget >> 20,
-        overhead_mb = margin >> 20,
-        resident_layers = order.len() - n_streamed,
-        resident_mb = used >> 20,
-        streamed_layers = n_streamed,
-        streamed_mb_per_token = (total - used) >> 20,
-        "the windows do not fit in memory: streaming the rest"
-    );
     let fd = std::fs::File::open(path).map_err(|e| format!("opening {}: {e}", path.display()))?;
-    let index = streamed
-        .iter()
-        .enumerate()
-        .map(|(i, (a, _))| (*a, i))
-        .collect();
-    Ok(Some(Arc::new(Streaming {
+    let st = Streaming {
         file: file.clone(),
         fd,
-        order: streamed,
-        index,
-    })))
+        mats,
+        room,
+        kv_per_pos,
+        set: Default::default(),
+    };
+    let at_most = st.reserve(max_ctx);
+    let idle = st.reserve(0);
+    tracing::info!(
+        budget_mb = budget >> 20,
+        overhead_mb = overhead >> 20,
+        weights_mb = total >> 20,
+        streamed_mb_per_token_idle = idle >> 20,
+        streamed_mb_per_token_full_context = at_most >> 20,
+        "the windows do not fit in memory: streaming the rest"
+    );
+    Ok(Some(Arc::new(st)))
+}
+
+/// How many bytes of `mats` must stream when `room` bytes hold the
+/// resident weights, `kv` bytes of caches, and (when anything streams) the
+/// matrix in use with those read ahead of it.
+fn bytes_to_stream(mats: &[(u64, u64)], room: u64, kv: u64) -> u64 {
+    let total: u64 = mats.iter().map(|m| m.1).sum();
+    if total + kv <= room {
+        return 0;
+    }
+    let biggest = mats.iter().map(|x| x.1).max().unwrap_or(0);
+    let keep = room.saturating_sub(kv + (LOOKAHEAD as u64 + 1) * biggest);
+    total - keep.min(total)
+}
+
+/// Picks at least `need` bytes of `mats` (in run order) to stream, from the
+/// end of the order: one contiguous stretch of the file, which this disk
+/// reads faster than the same bytes spread along the window (210 vs 290 ms
+/// per token measured on the bigger-than-memory benchmark). Returns indices
+/// in run order.
+fn choose_streamed(mats: &[(u64, u64)], need: u64) -> Vec<usize> {
+    let mut taken = 0u64;
+    let mut first = mats.len();
+    while taken < need && first > 0 {
+        first -= 1;
+        taken += mats[first].1;
+    }
+    (first..mats.len()).collect()
 }
 
 pub struct Settings {
@@ -385,8 +435,17 @@ fn prepare(
         Some(budget) => {
             let c = &windows[0].config;
             let n: usize = ranges.iter().map(|r| r.len()).sum();
-            let kv = (n * settings.max_ctx * c.kv_dim() * 2 * 2) as u64;
-            plan_streaming(&file, &path, &ranges, rank == 0, kv, budget)?
+            // f16 keys and values, per position, over this device's layers.
+            let kv_per_pos = (n * c.kv_dim() * 2 * 2) as u64;
+            plan_streaming(
+                &file,
+                &path,
+                &ranges,
+                rank == 0,
+                kv_per_pos,
+                settings.max_ctx,
+                budget,
+            )?
         }
         None => None,
     };
@@ -457,6 +516,19 @@ fn prepare(
 }
 
 impl Prepared {
+    /// The streamed weights follow the caches the live sessions hold.
+    fn sessions_changed(&self) {
+        if let Some(st) = &self.streaming {
+            let positions = self
+                .sessions
+                .values()
+                .filter_map(|c| c.first())
+                .map(|c| c.0.ctx())
+                .sum();
+            st.reserve(positions);
+        }
+    }
+
     /// Runs window `r` (streamed matrices are dropped by the model's hook),
     /// its GPU layers on the GPU with the session's GPU cache (made here,
     /// for the CPU cache's context, on the session's first batch).
@@ -506,7 +578,9 @@ impl Prepared {
         out: &tokio::sync::mpsc::UnboundedSender<Outgoing>,
     ) {
         tracing::warn!(req, error = %msg, "ring batch failed");
-        self.sessions.remove(&req);
+        if self.sessions.remove(&req).is_some() {
+            self.sessions_changed();
+        }
         if self.rank == 0 {
             if let Some(r) = self.replies.remove(&req) {
                 let _ = r.send((req, Err(msg)));
@@ -619,6 +693,7 @@ impl Prepared {
                 .map(|(m, r)| (KvCache::new(&m.config, r.clone(), ctx), None))
                 .collect();
             self.sessions.insert(req, caches);
+            self.sessions_changed();
         }
         let caches = self.sessions.get_mut(&req).expect("inserted above");
         let r = round as usize;
@@ -723,7 +798,10 @@ impl Prepared {
     fn kv(&mut self, req: u64, op: KvOp, out: &tokio::sync::mpsc::UnboundedSender<Outgoing>) {
         match op {
             KvOp::Drop => {
-                self.sessions.remove(&req);
+                if self.sessions.remove(&req).is_some() {
+                    self.sessions_changed();
+                }
+                crate::memory::release_free();
                 if self.rank == 0 {
                     self.replies.remove(&req);
                 }
@@ -765,5 +843,63 @@ fn prefetch_layers(file: &Gguf, layers: Range<usize>) {
     }
     for (a, b) in merged {
         file.prefetch(a, b - a);
+    }
+}
+
+#[cfg(test)]
+mod streaming_tests {
+    use super::{bytes_to_stream, choose_streamed, LOOKAHEAD};
+
+    /// A window of `layers` layers shaped like the synthetic 3B model:
+    /// q, k, v, o, gate, up, down.
+    fn window(layers: usize) -> Vec<(u64, u64)> {
+        let sizes = [5u64, 2, 2, 5, 14, 14, 14];
+        let mut off = 0;
+        let mut v = Vec::new();
+        for _ in 0..layers {
+            for s in sizes {
+                v.push((off, s));
+                off += s;
+            }
+        }
+        v
+    }
+
+    #[test]
+    fn streams_the_tail_of_the_window_and_no_more_than_needed() {
+        let mats = window(11);
+        let total: u64 = mats.iter().map(|m| m.1).sum();
+        for need in [1, 14, 30, 100, 170, 400, total - 1, total] {
+            let s = choose_streamed(&mats, need);
+            let bytes: u64 = s.iter().map(|&i| mats[i].1).sum();
+            assert!(bytes >= need, "need {need}, streams {bytes}");
+            // Less than one matrix beyond what is needed.
+            assert!(bytes < need + 14, "need {need}, streams {bytes}");
+            // One contiguous stretch ending with the window.
+            assert_eq!(*s.last().unwrap(), mats.len() - 1);
+            assert!(s.windows(2).all(|w| w[0] + 1 == w[1]), "{s:?}");
+        }
+        assert!(choose_streamed(&mats, 0).is_empty());
+    }
+
+    #[test]
+    fn streamed_bytes_follow_the_caches() {
+        let mats = window(11);
+        let total: u64 = mats.iter().map(|m| m.1).sum(); // 616
+                                                         // Everything fits with the cache: nothing streams, no read-ahead room.
+        assert_eq!(bytes_to_stream(&mats, total + 20, 20), 0);
+        // 1 byte short: the shortfall plus room for the matrix in use and
+        // the one read ahead (14 each).
+        let lookahead = (LOOKAHEAD as u64 + 1) * 14;
+        assert_eq!(bytes_to_stream(&mats, total + 19, 20), 1 + lookahead);
+        // A longer context streams that much more; an idle device streams
+        // the least.
+        let room = total - 50;
+        let idle = bytes_to_stream(&mats, room, 0);
+        let busy = bytes_to_stream(&mats, room, 40);
+        assert_eq!(idle, 50 + lookahead);
+        assert_eq!(busy, idle + 40);
+        // No room at all: every matrix streams.
+        assert_eq!(bytes_to_stream(&mats, 0, 40), total);
     }
 }
