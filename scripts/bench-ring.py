@@ -387,10 +387,18 @@ def bigger(a):
             print(f"  round {r + 1}: TPOT {tpot:.1f} ms, TTFT {b['ttft_ms_median']:.0f} ms, read from disk per "
                   f"token: {' + '.join(f'{x:.1f}' for x in reads)} = {sum(reads):.1f} MB", flush=True)
         tpot = statistics.median(rows)
+        halda = {d["node"]: d for d in h.status(0)["plan"]["devices"]}
         for i, cg in enumerate(h.cgroups):
             st = Path(f"/proc/{h.procs[i].pid}/status").read_text()
             mem = {k: v.split()[0] for k, v in (l.split(":", 1) for l in st.splitlines()) if k in ("RssAnon", "RssFile", "VmHWM")}
             print(f"  dev{i} cgroup: {json.dumps(cgroup_report(cg))}, process kB: {mem}")
+            d = halda.get(f"dev{i}", {})
+            if d.get("anon_bytes"):
+                anon = int(mem["RssAnon"]) / 1024
+                ok = "inside" if anon <= d["anon_bytes"] / 2**20 else "OVER"
+                print(f"    anonymous memory {anon:.1f} MiB, Halda assumed {d['anon_bytes'] / 2**20:.1f} MiB "
+                      f"(caches at ctx 512, buffers, runtime): {ok}; Halda's demand "
+                      f"{d['ram_bytes'] / 2**20:.0f} of {d['ram_budget_bytes'] / 2**20:.0f} MiB")
         mm = llama.get("mmap", {}).get("ms_per_token")
         ref = 1131.0
         print(f"  prima ring TPOT {tpot:.1f} ms/token")

@@ -1139,6 +1139,7 @@ fn plan_json(p: &crate::cluster::net::PlanStatus) -> Value {
                 "set": d.set,
                 "ram_bytes": d.ram_bytes,
                 "ram_budget_bytes": d.ram_budget_bytes,
+                "anon_bytes": d.anon_bytes,
                 "disk_bytes_per_token": d.disk_bytes_per_token,
             })
         })

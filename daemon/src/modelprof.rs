@@ -11,6 +11,19 @@ pub fn type_key(ty: prima_kernels::quant::GgmlType) -> String {
     ty.name().to_ascii_lowercase()
 }
 
+/// Anonymous memory of the daemon itself on a ring device, beyond the
+/// forward pass's activations and caches: its runtime, network, store and
+/// the allocator's free lists. Halda counts it with the compute buffer, so
+/// the memory it plans for a device is what the process really holds.
+/// Measured on the bigger-than-memory benchmark's devices: 21-27 MB (the
+/// caches Halda reserves for a whole context cover the rest, since a
+/// session's cache holds only its prompt and answer).
+pub const RUNTIME_BYTES: u64 = 24 << 20;
+
+/// What the head holds beyond that: the tokenizer, the sampler, requests.
+/// Measured: about 20 MB more than the other devices.
+pub const HEAD_RUNTIME_BYTES: u64 = 20 << 20;
+
 /// Builds the model profile for a context of `n_ctx` tokens.
 pub fn model_profile(file: &Gguf, cfg: &Config, name: &str, n_ctx: u32) -> halda::ModelProfile {
     let l = cfg.n_layer.max(1) as u64;
@@ -68,8 +81,8 @@ pub fn model_profile(file: &Gguf, cfg: &Config, name: &str, n_ctx: u32) -> halda
         layer_flops,
         output_flops,
         compute_buffer: halda::ComputeBuffer {
-            cpu_bytes: per_token,
-            head_extra_cpu_bytes: cfg.n_vocab as u64 * f,
+            cpu_bytes: per_token + RUNTIME_BYTES,
+            head_extra_cpu_bytes: cfg.n_vocab as u64 * f + HEAD_RUNTIME_BYTES,
             gpu_bytes: 0,
         },
     }

@@ -40,6 +40,10 @@ pub struct PlanDevice {
     pub ram_bytes: Option<u64>,
     #[serde(default)]
     pub ram_budget_bytes: Option<u64>,
+    /// Of `ram_bytes`, the anonymous part Halda assumed: caches at the
+    /// plan's context, compute buffers and the daemon's own runtime.
+    #[serde(default)]
+    pub anon_bytes: Option<u64>,
     /// Bytes Halda expects the device to re-read from disk per token.
     #[serde(default)]
     pub disk_bytes_per_token: Option<u64>,
@@ -57,6 +61,7 @@ impl PlanDevice {
             set: None,
             ram_bytes: None,
             ram_budget_bytes: None,
+            anon_bytes: None,
             disk_bytes_per_token: None,
         }
     }

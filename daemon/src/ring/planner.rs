@@ -111,7 +111,7 @@ pub fn make_plan(r: &Request) -> Result<Planned, String> {
         dropped: vec![],
     };
     if let Some(pin) = r.pin {
-        let mut devices = Vec::new();
+        let mut pinned = Vec::new();
         for (i, (name, w)) in pin.windows.iter().enumerate() {
             let c = r
                 .candidates
@@ -122,12 +122,12 @@ pub fn make_plan(r: &Request) -> Result<Planned, String> {
                 })?;
             let mut d = PlanDevice::new(c.id.clone(), c.name.clone(), *w);
             d.gpu_layers = pin.gpu_layers.get(i).copied().unwrap_or(0);
-            devices.push(d);
+            pinned.push(d);
         }
         let dropped = r
             .candidates
             .iter()
-            .filter(|c| !devices.iter().any(|d| d.id == c.id))
+            .filter(|c| !pinned.iter().any(|d| d.id == c.id))
             .map(|c| Dropped {
                 name: c.name.clone(),
                 why: "not in the pinned plan".into(),
@@ -135,61 +135,25 @@ pub fn make_plan(r: &Request) -> Result<Planned, String> {
             .collect();
         let p = RingPlan {
             k: pin.k,
-            devices,
+            devices: pinned,
             pinned: true,
             dropped,
             ..base
         };
         p.validate()?;
+        // Halda's accounting of the pinned windows, as for its own plans.
+        let mut p = p;
+        // (A model that cannot be read here still runs a pinned plan.)
+        if let Ok((mp, devices, opts)) = halda_inputs(r) {
+            if let Some((e, ranks)) = evaluate_plan(r, &p, &mp, &devices, &opts, true) {
+                for (d, &i) in p.devices.iter_mut().zip(&ranks) {
+                    fill_memory(d, &e.memory[i]);
+                }
+            }
+        }
         return Ok(Planned::New(p));
     }
-    let gguf = prima_kernels::gguf::Gguf::open(r.path)
-        .map_err(|e| format!("reading {}: {e}", r.path.display()))?;
-    let cfg = prima_kernels::model::config::Config::from_metadata(&gguf.metadata)
-        .map_err(|e| e.to_string())?;
-    let mp = crate::modelprof::model_profile(&gguf, &cfg, &r.model.name, r.n_ctx);
-    // Halda refers to devices by name: make names unique.
-    let mut names: Vec<String> = Vec::new();
-    let mut devices = Vec::new();
-    for c in r.candidates {
-        let mut n = c.name.clone();
-        if n.is_empty() || names.contains(&n) {
-            n = format!("{}-{}", c.name, &c.id[c.id.len().saturating_sub(6)..]);
-        }
-        names.push(n.clone());
-        let mut d = c.device.clone().unwrap_or_else(|| estimate(c, &mp));
-        d.name = n;
-        if let Some(b) = c.memory_budget {
-            d.memory.available_bytes = d.memory.available_bytes.min(b);
-            d.memory.swap_available_bytes = 0;
-        }
-        devices.push(d);
-    }
-    for (d, c) in devices.iter_mut().zip(r.candidates) {
-        d.links = c
-            .links
-            .iter()
-            .filter_map(|(peer, rtt)| {
-                let i = r.candidates.iter().position(|o| &o.name == peer)?;
-                let bandwidth_mbit_s = c
-                    .bandwidth
-                    .iter()
-                    .find(|(n, _)| n == peer)
-                    .map(|(_, b)| *b)
-                    .filter(|b| b.is_finite() && *b > 0.0)
-                    .unwrap_or(0.0);
-                Some(halda::Link {
-                    peer: names[i].clone(),
-                    rtt_ms: *rtt,
-                    bandwidth_mbit_s,
-                })
-            })
-            .collect();
-    }
-    let opts = halda::Options {
-        device_selection: !r.use_all_devices,
-        ..halda::Options::default()
-    };
+    let (mp, devices, opts) = halda_inputs(r)?;
     // Any device may head the ring (it tokenizes, samples and holds the
     // output layer): Halda plans with each one as its head (device 0) and
     // the fastest plan wins. The coordinator keeps the head unless another
@@ -252,6 +216,7 @@ pub fn make_plan(r: &Request) -> Result<Planned, String> {
                 set: d.set.map(|s| s.to_string()),
                 ram_bytes: Some(d.memory.ram_demand_bytes as u64),
                 ram_budget_bytes: Some(d.memory.ram_budget_bytes as u64),
+                anon_bytes: Some(d.memory.ram_anonymous_bytes as u64),
                 disk_bytes_per_token: Some(d.memory.disk_bytes_per_token as u64),
             }
         })
@@ -283,6 +248,69 @@ pub fn make_plan(r: &Request) -> Result<Planned, String> {
 /// The current plan's token time under today's profiles (ring model), or
 /// None when it cannot run as it is (a device of it is gone, it is pinned,
 /// or it is another model's).
+/// Halda's view of the request: the model profile read from the GGUF, the
+/// candidates as device profiles (names made unique, budgets applied,
+/// links), and the options.
+fn halda_inputs(
+    r: &Request,
+) -> Result<
+    (
+        halda::ModelProfile,
+        Vec<halda::DeviceProfile>,
+        halda::Options,
+    ),
+    String,
+> {
+    let gguf = prima_kernels::gguf::Gguf::open(r.path)
+        .map_err(|e| format!("reading {}: {e}", r.path.display()))?;
+    let cfg = prima_kernels::model::config::Config::from_metadata(&gguf.metadata)
+        .map_err(|e| e.to_string())?;
+    let mp = crate::modelprof::model_profile(&gguf, &cfg, &r.model.name, r.n_ctx);
+    // Halda refers to devices by name: make names unique.
+    let mut names: Vec<String> = Vec::new();
+    let mut devices = Vec::new();
+    for c in r.candidates {
+        let mut n = c.name.clone();
+        if n.is_empty() || names.contains(&n) {
+            n = format!("{}-{}", c.name, &c.id[c.id.len().saturating_sub(6)..]);
+        }
+        names.push(n.clone());
+        let mut d = c.device.clone().unwrap_or_else(|| estimate(c, &mp));
+        d.name = n;
+        if let Some(b) = c.memory_budget {
+            d.memory.available_bytes = d.memory.available_bytes.min(b);
+            d.memory.swap_available_bytes = 0;
+        }
+        devices.push(d);
+    }
+    for (d, c) in devices.iter_mut().zip(r.candidates) {
+        d.links = c
+            .links
+            .iter()
+            .filter_map(|(peer, rtt)| {
+                let i = r.candidates.iter().position(|o| &o.name == peer)?;
+                let bandwidth_mbit_s = c
+                    .bandwidth
+                    .iter()
+                    .find(|(n, _)| n == peer)
+                    .map(|(_, b)| *b)
+                    .filter(|b| b.is_finite() && *b > 0.0)
+                    .unwrap_or(0.0);
+                Some(halda::Link {
+                    peer: names[i].clone(),
+                    rtt_ms: *rtt,
+                    bandwidth_mbit_s,
+                })
+            })
+            .collect();
+    }
+    let opts = halda::Options {
+        device_selection: !r.use_all_devices,
+        ..halda::Options::default()
+    };
+    Ok((mp, devices, opts))
+}
+
 fn predict(
     r: &Request,
     current: &RingPlan,
@@ -293,6 +321,23 @@ fn predict(
     if current.pinned || current.sha256 != r.model.sha256 {
         return None;
     }
+    evaluate_plan(r, current, mp, devices, opts, false).map(|(e, _)| e.ring.total_ms)
+}
+
+/// Halda's evaluation of `plan` over `devices` (candidates' order), and for
+/// each of the plan's ranks its index in the evaluation's device list.
+fn evaluate_plan(
+    r: &Request,
+    plan: &RingPlan,
+    mp: &halda::ModelProfile,
+    devices: &[halda::DeviceProfile],
+    opts: &halda::Options,
+    allow_pinned: bool,
+) -> Option<(halda::cost::Evaluation, Vec<usize>)> {
+    if plan.pinned && !allow_pinned {
+        return None;
+    }
+    let current = plan;
     let at = |id: &str| r.candidates.iter().position(|c| c.id == id);
     let ranks: Vec<usize> = current
         .devices
@@ -322,9 +367,16 @@ fn predict(
         gpu_layers,
         ring: Some(ring),
     };
-    halda::cost::evaluate(mp, &devs, r.n_ctx, opts, &a)
-        .ok()
-        .map(|e| e.ring.total_ms)
+    let e = halda::cost::evaluate(mp, &devs, r.n_ctx, opts, &a).ok()?;
+    Some((e, ranks.iter().map(|&c| pos(c)).collect()))
+}
+
+/// Copies Halda's memory accounting of a device into the plan.
+fn fill_memory(d: &mut PlanDevice, m: &halda::cost::DeviceMemory) {
+    d.ram_bytes = Some(m.ram_demand_bytes as u64);
+    d.ram_budget_bytes = Some(m.ram_budget_bytes as u64);
+    d.anon_bytes = Some(m.ram_anonymous_bytes as u64);
+    d.disk_bytes_per_token = Some(m.disk_bytes_per_token as u64);
 }
 
 #[cfg(test)]
@@ -441,5 +493,63 @@ mod tests {
         // unprofiled device offers: dev1 heads.
         cands[0].draft_bytes = (8192u64 << 20) / 2 - (8 << 20);
         assert_eq!(req(&cands), "dev1");
+    }
+
+    /// A pinned plan carries Halda's memory accounting of its windows, and
+    /// the anonymous memory Halda assumes includes the daemon's own
+    /// runtime (more on the head), on top of the caches.
+    #[test]
+    fn pinned_plans_carry_haldas_memory_accounting() {
+        let path = prima_kernels::models_dir()
+            .expect("a home directory")
+            .join("SmolLM2-135M-Instruct.Q4_1.gguf");
+        assert!(
+            path.is_file(),
+            "{} is missing: run scripts/fetch-models",
+            path.display()
+        );
+        let model = ModelAd {
+            name: "smollm2".into(),
+            sha256: "s".into(),
+            n_layer: 30,
+        };
+        let mut cands = [cand(0), cand(1), cand(2)];
+        cands[2].memory_budget = Some(40 << 20);
+        let pin = Pin {
+            k: 1,
+            windows: vec![("dev1".into(), 4), ("dev0".into(), 10), ("dev2".into(), 16)],
+            gpu_layers: vec![],
+        };
+        let r = Request {
+            model: &model,
+            path: &path,
+            candidates: &cands,
+            pin: Some(&pin),
+            epoch: 1,
+            coordinator: "12D3KooWpeer0",
+            n_ctx: 512,
+            use_all_devices: false,
+            current: None,
+        };
+        let Planned::New(p) = make_plan(&r).unwrap() else {
+            panic!("a pin is a new plan")
+        };
+        let runtime = crate::modelprof::RUNTIME_BYTES;
+        let head_extra = crate::modelprof::HEAD_RUNTIME_BYTES;
+        let anon: Vec<u64> = p.devices.iter().map(|d| d.anon_bytes.unwrap()).collect();
+        // SmolLM2: 3 x 64 f16 key and value dims per layer and position.
+        let kv = |w: u64| w * 512 * 2 * 2 * 192;
+        assert!(anon[0] >= runtime + head_extra + kv(4), "{anon:?}");
+        assert!(
+            anon[1] >= runtime + kv(10) && anon[1] < runtime + head_extra,
+            "{anon:?}"
+        );
+        assert!(anon[2] > anon[1], "{anon:?}");
+        // The 40 MiB device is over its budget and re-reads from disk.
+        let d2 = &p.devices[2];
+        assert_eq!(d2.ram_budget_bytes, Some(40 << 20));
+        assert!(d2.ram_bytes.unwrap() > 40 << 20);
+        assert!(d2.disk_bytes_per_token.unwrap() > 0);
+        assert_eq!(p.devices[1].disk_bytes_per_token, Some(0));
     }
 }
