@@ -24,10 +24,26 @@ use std::{
 use anyhow::{Context, Result};
 use prima_kernels::{gguf::Gguf, quant::GgmlType, tensor::Weight};
 
+/// Largest buffer [`read_bandwidth_in`] sums: far larger than any CPU cache.
+pub const BANDWIDTH_BUFFER: usize = 256 << 20;
+
 /// Read bandwidth in bytes/s: the pool's threads sum a buffer much larger
 /// than the caches, best of a few passes.
 pub fn read_bandwidth() -> f64 {
-    let len = 256 << 20;
+    read_bandwidth_in(BANDWIDTH_BUFFER)
+}
+
+/// The buffer a device with `available` bytes of memory can spare for the
+/// bandwidth probe: a quarter of it, between 64 MiB and
+/// [`BANDWIDTH_BUFFER`]. A phone-class device (or a small memory cgroup)
+/// would otherwise be pushed out of its resident weights, or killed.
+pub fn bandwidth_buffer_for(available: u64) -> usize {
+    ((available / 4) as usize).clamp(64 << 20, BANDWIDTH_BUFFER)
+}
+
+/// [`read_bandwidth`] over a buffer of `len` bytes.
+pub fn read_bandwidth_in(len: usize) -> f64 {
+    let len = len.max(1 << 20);
     let buf: Vec<u64> = (0..len / 8).map(|i| i as u64).collect();
     let pool = prima_kernels::cpu::pool();
     let chunks = pool.threads() * 4;
@@ -293,7 +309,7 @@ pub fn profile(
             total_bytes: total,
             available_bytes: available,
             swap_available_bytes: 0,
-            bandwidth_gbps: Some(read_bandwidth() / 1e9),
+            bandwidth_gbps: Some(read_bandwidth_in(bandwidth_buffer_for(available)) / 1e9),
         },
         disk: halda::DiskProfile {
             seq_read_gbps: seq.max(1e-3),
@@ -303,4 +319,20 @@ pub fn profile(
         compute_buffer_override: None,
         links: vec![],
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_bandwidth_probe_fits_small_devices() {
+        // A 583 MiB cgroup spares a quarter; a tiny one the 64 MiB floor; a
+        // big machine no more than the full probe.
+        assert_eq!(bandwidth_buffer_for(583 << 20), (583 << 20) / 4);
+        assert_eq!(bandwidth_buffer_for(100 << 20), 64 << 20);
+        assert_eq!(bandwidth_buffer_for(64 << 30), BANDWIDTH_BUFFER);
+        let bw = read_bandwidth_in(64 << 20);
+        assert!(bw > 1e8 && bw.is_finite(), "{bw}");
+    }
 }

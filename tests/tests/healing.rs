@@ -355,10 +355,11 @@ fn join(hosts: &Hosts, i: usize, extra: &str) -> NsDaemon {
     d
 }
 
-const TIGHT: &str = "memory_budget_mb = 16\n";
+const TIGHT: &str = "memory_budget_mb = 48\n";
 
 /// Devices join a running household of three whose memory is tight (each
-/// lets the ring use 16 MB, so Halda's plan streams layers from disk). A
+/// daemon may hold 48 MiB in all, about 21-44 of them its own runtime, so
+/// Halda's plan streams layers from disk). A
 /// roomy fourth device helps: the next plan uses it, live within 5 s of
 /// its arrival, and Halda predicts a faster token. A fifth, as tight as the
 /// first three, would only add a hop: it is left out, with Halda's reason.
