@@ -369,7 +369,7 @@ def bigger(a):
                   memory_limit=limit)
     try:
         h.wait_household()
-        h.add_model(model, "synth-ref", copies=True)
+        h.add_model(model, "synth-ref", copies=not a.shared_file)
         windows = [("dev0", a.head_window)] + [(f"dev{i}", (28 - a.head_window) // 2) for i in (1, 2)]
         t = time.time()
         h.pin(1, windows)
@@ -468,6 +468,10 @@ def main():
     ap.add_argument("--head-window", type=int, default=6, help="bigger: layers on the head (it also holds the output)")
     ap.add_argument("--llama-modes", default="mmap,default", help="bigger: llama.cpp runs (mmap = --no-repack)")
     ap.add_argument("--llama-tokens", type=int, default=8)
+    ap.add_argument("--shared-file", action="store_true",
+                    help="bigger: all three devices map one file (by default each has its own copy, as separate "
+                         "machines do; one shared file makes cgroup v1 charge a page to whichever device read "
+                         "it first)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--requests", type=int, default=3)
     ap.add_argument("--tokens", type=int, default=64)
