@@ -370,10 +370,15 @@ def bigger(a):
     try:
         h.wait_household()
         h.add_model(model, "synth-ref", copies=not a.shared_file)
-        windows = [("dev0", a.head_window)] + [(f"dev{i}", (28 - a.head_window) // 2) for i in (1, 2)]
         t = time.time()
-        h.pin(1, windows)
-        print(f"  plan k=1 {windows} live after {time.time() - t:.1f} s (loads and warms up only its layers)")
+        if a.halda:
+            p = h.wait_live(lambda p: not p["pinned"])
+            print(f"  Halda's plan k={p['k']} {[(d['node'], d['window']) for d in p['devices']]} live after "
+                  f"{time.time() - t:.1f} s, predicted {p.get('tpot_ms') or 0:.0f} ms/token")
+        else:
+            windows = [("dev0", a.head_window)] + [(f"dev{i}", (28 - a.head_window) // 2) for i in (1, 2)]
+            h.pin(1, windows)
+            print(f"  plan k=1 {windows} live after {time.time() - t:.1f} s (loads and warms up only its layers)")
         for line in (h.work / "dev1" / "primad.log").read_text().splitlines():
             if "streaming" in line:
                 print("  dev1:", line.split("INFO")[-1].strip()[:200])
@@ -468,6 +473,8 @@ def main():
     ap.add_argument("--head-window", type=int, default=6, help="bigger: layers on the head (it also holds the output)")
     ap.add_argument("--llama-modes", default="mmap,default", help="bigger: llama.cpp runs (mmap = --no-repack)")
     ap.add_argument("--llama-tokens", type=int, default=8)
+    ap.add_argument("--halda", action="store_true",
+                    help="bigger: run Halda's own plan instead of pinning --head-window and an even split")
     ap.add_argument("--shared-file", action="store_true",
                     help="bigger: all three devices map one file (by default each has its own copy, as separate "
                          "machines do; one shared file makes cgroup v1 charge a page to whichever device read "

@@ -275,7 +275,29 @@ fn run(
     abort: &AtomicBool,
 ) {
     let mut loaded: Option<LoadedModel> = None;
-    while let Ok(job) = rx.recv() {
+    loop {
+        let job = match rx.recv_timeout(std::time::Duration::from_secs(1)) {
+            Ok(job) => job,
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                // A device that no longer heads the ring for its loaded
+                // model gives back the tokenizer and the model's metadata
+                // (about 20 MB), which Halda counts only on the head.
+                let forwards = match (&loaded, &settings.ring) {
+                    (Some(l), Some((ring, _))) => {
+                        matches!(ring.route(&l.entry.sha256), Route::Forward(_))
+                    }
+                    _ => false,
+                };
+                if forwards {
+                    loaded = None;
+                    *loaded_info.lock().expect("status lock") = None;
+                    crate::memory::release_free();
+                    tracing::debug!("not the ring's head: the loaded model is dropped");
+                }
+                continue;
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+        };
         if job.events.is_closed() {
             stats.cancelled.fetch_add(1, Ordering::Relaxed);
             continue;
