@@ -451,11 +451,8 @@ mod tests {
         .contains("laptop"));
     }
 
-    /// The memory a speculative draft takes is the head's, not the
-    /// ring's: a device whose draft would leave no room for its window is
-    /// not made the head.
-    #[test]
-    fn the_drafts_memory_counts_against_the_head() {
+    /// The real SmolLM2 file (Halda reads its profile) and its ad.
+    fn smollm2() -> (std::path::PathBuf, ModelAd) {
         let path = prima_kernels::models_dir()
             .expect("a home directory")
             .join("SmolLM2-135M-Instruct.Q4_1.gguf");
@@ -469,6 +466,15 @@ mod tests {
             sha256: "s".into(),
             n_layer: 30,
         };
+        (path, model)
+    }
+
+    /// The memory a speculative draft takes is the head's, not the
+    /// ring's: a device whose draft would leave no room for its window is
+    /// not made the head.
+    #[test]
+    fn the_drafts_memory_counts_against_the_head() {
+        let (path, model) = smollm2();
         let mut cands = [cand(0), cand(1)];
         let req = |cands: &[Candidate]| {
             let r = Request {
@@ -500,19 +506,7 @@ mod tests {
     /// runtime (more on the head), on top of the caches.
     #[test]
     fn pinned_plans_carry_haldas_memory_accounting() {
-        let path = prima_kernels::models_dir()
-            .expect("a home directory")
-            .join("SmolLM2-135M-Instruct.Q4_1.gguf");
-        assert!(
-            path.is_file(),
-            "{} is missing: run scripts/fetch-models",
-            path.display()
-        );
-        let model = ModelAd {
-            name: "smollm2".into(),
-            sha256: "s".into(),
-            n_layer: 30,
-        };
+        let (path, model) = smollm2();
         let mut cands = [cand(0), cand(1), cand(2)];
         cands[2].memory_budget = Some(40 << 20);
         let pin = Pin {
