@@ -128,7 +128,7 @@ pub fn hash_file(
             // A model hashed on a small device would otherwise leave its
             // tail in the page cache (charged to this process's memory
             // cgroup) and push out what the device needs resident.
-            drop_cached(&f, done);
+            crate::memory::drop_cached(&f, 0, done);
             progress(done, total);
             if !keep_going() {
                 bail!("cancelled");
@@ -136,28 +136,8 @@ pub fn hash_file(
         }
     }
     progress(done, total);
-    drop_cached(&f, done);
+    crate::memory::drop_cached(&f, 0, done);
     Ok(hex::encode(h.finalize()))
-}
-
-/// Advises the kernel that the first `len` bytes of `f` will not be read
-/// again soon (only clean pages nobody maps are dropped).
-fn drop_cached(f: &std::fs::File, len: u64) {
-    #[cfg(any(target_os = "linux", target_os = "android"))]
-    {
-        use std::os::fd::AsRawFd;
-        // SAFETY: a plain syscall on an open descriptor; advice only.
-        unsafe {
-            libc::posix_fadvise(
-                f.as_raw_fd(),
-                0,
-                len as libc::off_t,
-                libc::POSIX_FADV_DONTNEED,
-            );
-        }
-    }
-    #[cfg(not(any(target_os = "linux", target_os = "android")))]
-    let _ = (f, len);
 }
 
 /// A model file already present in `dirs` with the catalog's hash.

@@ -37,6 +37,27 @@ pub fn release_free() {
     }
 }
 
+/// Drops the page-cache pages of `[offset, offset + len)` of `f` (`len` 0:
+/// to the end): only clean pages nobody maps go, so this is advice that
+/// cannot lose data. A no-op where there is no fadvise (macOS, Windows).
+pub fn drop_cached(f: &std::fs::File, offset: u64, len: u64) {
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    {
+        use std::os::fd::AsRawFd;
+        // SAFETY: a plain syscall on an open descriptor; advice only.
+        unsafe {
+            libc::posix_fadvise(
+                f.as_raw_fd(),
+                offset as libc::off_t,
+                len as libc::off_t,
+                libc::POSIX_FADV_DONTNEED,
+            );
+        }
+    }
+    #[cfg(not(any(target_os = "linux", target_os = "android")))]
+    let _ = (f, offset, len);
+}
+
 /// Memory this process holds that is not `model`'s weights: anonymous
 /// memory plus the resident pages of every other file it maps (its binary,
 /// its libraries). None where /proc cannot tell.

@@ -253,17 +253,9 @@ pub fn disk_speed(dir: &Path) -> Result<(f64, f64)> {
     res
 }
 
-#[cfg(target_os = "linux")]
 fn evict(f: &std::fs::File) {
-    use std::os::fd::AsRawFd;
-    // SAFETY: fadvise on a file descriptor we own; it only drops clean cache pages.
-    unsafe {
-        libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED);
-    }
+    crate::memory::drop_cached(f, 0, 0);
 }
-
-#[cfg(not(target_os = "linux"))]
-fn evict(_f: &std::fs::File) {}
 
 fn os() -> halda::Os {
     match std::env::consts::OS {

@@ -115,8 +115,7 @@ struct Prepared {
 /// sessions hold: a short answer's cache leaves room for more weights.
 pub struct Streaming {
     file: Arc<Gguf>,
-    /// For posix_fadvise(DONTNEED).
-    #[cfg_attr(not(any(target_os = "linux", target_os = "android")), allow(dead_code))]
+    /// For dropping streamed pages from the page cache.
     fd: std::fs::File,
     /// Every weight matrix of this device's windows, (offset, length), in
     /// the order the forward pass uses them.
@@ -198,20 +197,7 @@ impl Streaming {
         };
         self.file.release(a, len);
         // (macOS has no fadvise; releasing the mapping above is what it gets.)
-        #[cfg(any(target_os = "linux", target_os = "android"))]
-        {
-            use std::os::fd::AsRawFd;
-            // SAFETY: a plain syscall on an open descriptor; it only drops
-            // clean page-cache pages of the range.
-            unsafe {
-                libc::posix_fadvise(
-                    self.fd.as_raw_fd(),
-                    a as libc::off_t,
-                    len as libc::off_t,
-                    libc::POSIX_FADV_DONTNEED,
-                );
-            }
-        }
+        crate::memory::drop_cached(&self.fd, a, len);
         self.prefetch(&set, i + LOOKAHEAD);
     }
 }
@@ -271,7 +257,7 @@ fn plan_streaming(
         0
     };
     let room = budget.saturating_sub(overhead + SLACK + out);
-    if total + max_ctx as u64 * kv_per_pos <= room {
+    if bytes_to_stream(&mats, room, max_ctx as u64 * kv_per_pos) == 0 {
         return Ok(None);
     }
     let fd = std::fs::File::open(path).map_err(|e| format!("opening {}: {e}", path.display()))?;

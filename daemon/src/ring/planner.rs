@@ -145,7 +145,7 @@ pub fn make_plan(r: &Request) -> Result<Planned, String> {
         let mut p = p;
         // (A model that cannot be read here still runs a pinned plan.)
         if let Ok((mp, devices, opts)) = halda_inputs(r) {
-            if let Some((e, ranks)) = evaluate_plan(r, &p, &mp, &devices, &opts, true) {
+            if let Some((e, ranks)) = evaluate_plan(r, &p, &mp, &devices, &opts) {
                 for (d, &i) in p.devices.iter_mut().zip(&ranks) {
                     fill_memory(d, &e.memory[i]);
                 }
@@ -207,18 +207,12 @@ pub fn make_plan(r: &Request) -> Result<Planned, String> {
         .map(|&i| {
             let d = &hp.devices[i];
             let c = &r.candidates[perm[i]];
-            PlanDevice {
-                id: c.id.clone(),
-                name: c.name.clone(),
-                window: d.window,
-                gpu_layers: d.gpu_layers,
-                share: Some(d.time_share),
-                set: d.set.map(|s| s.to_string()),
-                ram_bytes: Some(d.memory.ram_demand_bytes as u64),
-                ram_budget_bytes: Some(d.memory.ram_budget_bytes as u64),
-                anon_bytes: Some(d.memory.ram_anonymous_bytes as u64),
-                disk_bytes_per_token: Some(d.memory.disk_bytes_per_token as u64),
-            }
+            let mut p = PlanDevice::new(c.id.clone(), c.name.clone(), d.window);
+            p.gpu_layers = d.gpu_layers;
+            p.share = Some(d.time_share);
+            p.set = d.set.map(|s| s.to_string());
+            fill_memory(&mut p, &d.memory);
+            p
         })
         .collect();
     let dropped = hp
@@ -245,9 +239,6 @@ pub fn make_plan(r: &Request) -> Result<Planned, String> {
     Ok(Planned::New(p))
 }
 
-/// The current plan's token time under today's profiles (ring model), or
-/// None when it cannot run as it is (a device of it is gone, it is pinned,
-/// or it is another model's).
 /// Halda's view of the request: the model profile read from the GGUF, the
 /// candidates as device profiles (names made unique, budgets applied,
 /// links), and the options.
@@ -311,6 +302,9 @@ fn halda_inputs(
     Ok((mp, devices, opts))
 }
 
+/// The current plan's token time under today's profiles (ring model), or
+/// None when it cannot run as it is (a device of it is gone, it is pinned,
+/// or it is another model's).
 fn predict(
     r: &Request,
     current: &RingPlan,
@@ -321,7 +315,7 @@ fn predict(
     if current.pinned || current.sha256 != r.model.sha256 {
         return None;
     }
-    evaluate_plan(r, current, mp, devices, opts, false).map(|(e, _)| e.ring.total_ms)
+    evaluate_plan(r, current, mp, devices, opts).map(|(e, _)| e.ring.total_ms)
 }
 
 /// Halda's evaluation of `plan` over `devices` (candidates' order), and for
@@ -332,14 +326,9 @@ fn evaluate_plan(
     mp: &halda::ModelProfile,
     devices: &[halda::DeviceProfile],
     opts: &halda::Options,
-    allow_pinned: bool,
 ) -> Option<(halda::cost::Evaluation, Vec<usize>)> {
-    if plan.pinned && !allow_pinned {
-        return None;
-    }
-    let current = plan;
     let at = |id: &str| r.candidates.iter().position(|c| c.id == id);
-    let ranks: Vec<usize> = current
+    let ranks: Vec<usize> = plan
         .devices
         .iter()
         .map(|d| at(&d.id))
@@ -351,7 +340,7 @@ fn evaluate_plan(
     let pos = |cand: usize| perm.iter().position(|&i| i == cand).expect("a permutation");
     let mut windows = vec![0; n];
     let mut gpu_layers = vec![0; n];
-    for (d, &c) in current.devices.iter().zip(&ranks) {
+    for (d, &c) in plan.devices.iter().zip(&ranks) {
         windows[pos(c)] = d.window;
         gpu_layers[pos(c)] = d.gpu_layers;
     }
@@ -362,7 +351,7 @@ fn evaluate_plan(
         .collect();
     let devs: Vec<halda::DeviceProfile> = perm.iter().map(|&i| devices[i].clone()).collect();
     let a = halda::cost::Assignment {
-        k: current.k,
+        k: plan.k,
         windows,
         gpu_layers,
         ring: Some(ring),
